@@ -1,0 +1,52 @@
+"""Shared base for every experiment config: engine settings and optimizer blocks.
+
+An experiment's `get_config(arg)` starts from `base.get_config()` and fills in the method,
+the data and the networks. Every key a run may set is created here or in the experiment
+config, so that `--config.a.b=v` on a misspelled key fails with a "Did you mean" hint.
+"""
+
+import ml_collections
+
+
+def optimizer(
+    learning_rate=1e-4,
+    name="adam",
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    weight_decay=0.0,
+    warmup_steps=0,
+    grad_clip_norm=0.0,
+):
+    """One optimizer block, read by `didistill.train.optim.make_optimizer`."""
+    return ml_collections.ConfigDict(
+        dict(
+            name=name,
+            learning_rate=learning_rate,
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            grad_clip_norm=grad_clip_norm,
+        )
+    )
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+    config.method = ""  # a registered method name, or "package.module:factory"
+    config.seed = 0
+    config.train = ml_collections.ConfigDict(
+        dict(
+            num_steps=1000,
+            batch_size=256,  # global batch; must divide by the number of devices
+            log_every=50,
+            checkpoint_every=500,
+            keep_checkpoints=3,
+            max_nonfinite_steps=20,  # consecutive skipped steps before the run stops
+            progress=True,  # tqdm progress bar
+        )
+    )
+    config.mesh = ml_collections.ConfigDict(dict(data=-1))  # -1: all devices on the data axis
+    return config
