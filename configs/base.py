@@ -37,15 +37,16 @@ def get_config():
     config = ml_collections.ConfigDict()
     config.method = ""  # a registered method name, or "package.module:factory"
     config.seed = 0
+    # Engine keys, read by didistill.train (checked by didistill.train.validate).
     config.train = ml_collections.ConfigDict(
         dict(
             num_steps=1000,
-            batch_size=256,  # global batch; must divide by the number of devices
-            log_every=50,
-            checkpoint_every=500,
-            keep_checkpoints=3,
-            max_nonfinite_steps=20,  # consecutive skipped steps before the run stops
-            progress=True,  # tqdm progress bar
+            batch_size=256,  # global batch; must divide by the number of devices and hosts
+            log_every=50,  # a metrics.jsonl line = the mean over these steps
+            checkpoint_every=500,  # 0: save only at the end and on preemption
+            keep_checkpoints=3,  # the newest N are kept
+            max_nonfinite_steps=20,  # consecutive skipped (NaN/inf) steps before the run stops
+            progress=True,  # tqdm progress bar on process 0
         )
     )
     config.mesh = ml_collections.ConfigDict(dict(data=-1))  # -1: all devices on the data axis

@@ -23,7 +23,21 @@ Rules:
   (`global_batch_size // jax.process_count()` rows). It must be deterministic in
   `start_step`, so a resumed run sees exactly the data an uninterrupted run would.
 - `evaluate` returns a flat dict of JSON-serialisable numbers (and may write pictures into
-  `workdir`); the engine writes it to `eval.json`.
+  `workdir`); the engine writes it to `eval.json`. It runs on every process, outside jit and the
+  mesh, with the final state copied onto the process's first device; only process 0 should
+  write files (`jax.process_index() == 0`).
+
+What a method may assume (see `didistill.train.loop`):
+- `init` and `step` run under `jax.jit` inside `jax.set_mesh(mesh)`, a 1-D mesh with the
+  `'data'` axis in Auto mode: the batch arrives sharded along its leading axis, the state
+  replicated; XLA inserts the gradient all-reduce, so no sharding code is needed.
+- `init` gets `fold_in(run_key, 2**32 - 1)`, `evaluate` gets `fold_in(run_key, 2**32 - 2)`,
+  step `i` gets `fold_in(run_key, i)`, with `run_key = jax.random.key(config.seed)`.
+- A step whose metrics or new state hold a NaN/inf is skipped: the old state is kept, but the
+  step index advances and its batch is consumed. Metric names `step` and `nonfinite_*` are
+  reserved; metrics are logged as means over `config.train.log_every` steps.
+- The state is checkpointed as is (typed PRNG keys included), so its tree structure, shapes
+  and dtypes must not change between steps.
 """
 
 from __future__ import annotations

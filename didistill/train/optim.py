@@ -30,7 +30,9 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     if cfg.name == "adam":
         core = optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
     else:
-        core = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        core = optax.adamw(
+            schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
     if cfg.grad_clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), core)
     return core

@@ -1,0 +1,107 @@
+"""One-step distillation of the 8-mode ring (or another toy) from its EDM teacher.
+
+    --config=configs/toy2d.py:jensen_shannon          f-distill with a registered divergence
+    --config=configs/toy2d.py:dmd2                    a named method (dmd2, diff_instruct, sid,
+                                                      uni_instruct; uni_instruct,forward_kl)
+    --config=configs/toy2d.py:forward_kl,scratch      generator initialised from scratch
+    --config=configs/toy2d.py:forward_kl,smoke        tiny run for tests
+    --config=configs/toy2d.py:exact                   affine generator with exact ratios (oracle)
+
+The teacher is `assets/toy/ring8_teacher.msgpack`, trained by `configs/toy_teacher.py:ring8`
+(see assets/README.md for the command).
+"""
+
+import ml_collections
+
+from configs import base
+from didistill import divergences
+
+_METHODS = ("f_distill", "dmd2", "diff_instruct", "sid", "uni_instruct")
+_FLAGS = ("smoke", "scratch", "exact")
+
+
+def _parse(arg):
+    tokens = [t.strip() for t in (arg or "jensen_shannon").split(",") if t.strip()]
+    method, divergence, flags = "f_distill", None, set()
+    for token in tokens:
+        if token in _METHODS:
+            method = token
+        elif token in divergences.names():
+            divergence = token
+        elif token in _FLAGS:
+            flags.add(token)
+        else:
+            raise ValueError(
+                f"toy2d config arg token {token!r} is not a method {_METHODS}, a divergence "
+                f"{divergences.names()} or a flag {_FLAGS}"
+            )
+    if divergence is None:
+        divergence = "jensen_shannon" if method in ("f_distill", "uni_instruct") else "reverse_kl"
+    return method, divergence, flags
+
+
+def get_config(arg=None):
+    method, divergence, flags = _parse(arg)
+    config = base.get_config()
+    config.method = method
+    config.data = ml_collections.ConfigDict(dict(toy="ring8"))
+    config.teacher = ml_collections.ConfigDict(
+        dict(checkpoint="assets/toy/ring8_teacher.msgpack", score="network")
+    )
+    config.generator = ml_collections.ConfigDict(dict(kind="mlp", init="teacher", sigma=2.5))
+    config.discriminator = ml_collections.ConfigDict(
+        dict(features="teacher", width=128, depth=2, head_width=128)
+    )
+    config.distill = ml_collections.ConfigDict(
+        dict(
+            divergence=divergence,
+            divergence_params=ml_collections.ConfigDict(),
+            critic_steps=3,  # fake-score and discriminator updates per generator update
+            gan_weight=1e-2 if method in ("f_distill", "dmd2", "uni_instruct") else 0.0,
+            ratio="discriminator",
+            ratio_lower=0.1,
+            ratio_upper=20.0,
+            bin_normalize=True,
+            num_bins=10,
+            ratio_ema_rate=0.0,
+            normalize_weights=True,
+            time_weight="none" if method == "diff_instruct" else "dmd",
+            alpha={"sid": 1.2, "uni_instruct": 1.0}.get(method, 1.0),
+            num_sigmas=1000,
+            sigma_min=0.002,
+            sigma_max=80.0,
+            min_index=20,
+            max_index=980,
+        )
+    )
+    lr = 5e-4
+    config.optim_generator = base.optimizer(learning_rate=lr, b1=0.0, b2=0.99)
+    config.optim_fake_score = base.optimizer(learning_rate=lr, b1=0.0, b2=0.99)
+    config.optim_discriminator = base.optimizer(learning_rate=lr, b1=0.0, b2=0.99)
+    config.ema_decay = 0.99
+    config.eval = ml_collections.ConfigDict(dict(num_samples=4000, teacher_nfe=35))
+    config.train.num_steps = 1000
+    config.train.batch_size = 256
+    config.train.log_every = 100
+    config.train.checkpoint_every = 500
+
+    if "scratch" in flags:
+        config.generator.init = "scratch"
+    if "exact" in flags:
+        config.generator.kind = "affine"
+        config.teacher.score = "exact"
+        config.distill.ratio = "exact"
+        config.distill.critic_steps = 0
+        config.distill.gan_weight = 0.0
+        config.distill.time_weight = "none"  # DMD's weight depends on x0: biased stationary point
+        config.distill.normalize_weights = False  # the ratio estimator is biased too
+    if "smoke" in flags:
+        config.train.num_steps = 6
+        config.train.batch_size = 64
+        config.train.log_every = 2
+        config.train.checkpoint_every = 3
+        config.distill.critic_steps = min(config.distill.critic_steps, 2)
+        config.eval.num_samples = 256
+        config.eval.teacher_nfe = 5
+        config.train.progress = False
+    return config

@@ -1,0 +1,62 @@
+"""EDM teacher on an analytic 2-D toy (method 'edm_teacher', didistill/distill/teacher.py).
+
+    --config=configs/toy_teacher.py:ring8          full run (a few thousand steps, CPU seconds)
+    --config=configs/toy_teacher.py:ring8,smoke    tiny network and run, for tests
+    toys: ring8 | grid25 | moons  (see didistill/data/toy.py)
+
+sigma_data is the exact root-mean-square per-coordinate std of the toy, sqrt(mean_j Var[x_j]).
+The run writes samples.png, eval.json and teacher_params.msgpack into the workdir.
+"""
+
+import ml_collections
+import numpy as np
+
+from configs import base
+from didistill.data import toy
+
+
+def _parse(arg):
+    parts = [p.strip() for p in (arg or "ring8").split(",") if p.strip()]
+    name, flags = parts[0], set(parts[1:])
+    if name not in toy.TOYS or not flags <= {"smoke"}:
+        raise ValueError(
+            f"toy_teacher config arg {arg!r}: expected '<toy>' or '<toy>,smoke' with toy in "
+            f"{sorted(toy.TOYS)}"
+        )
+    return name, "smoke" in flags
+
+
+def get_config(arg=None):
+    name, smoke = _parse(arg)
+    config = base.get_config()
+    config.method = "edm_teacher"
+    config.data = ml_collections.ConfigDict(dict(toy=name))
+
+    std = toy.data_std(toy.get_toy(name))
+    config.net = ml_collections.ConfigDict(
+        dict(width=128, depth=3, emb_dim=64, sigma_data=float(np.sqrt(np.mean(std**2))))
+    )
+    config.edm = ml_collections.ConfigDict(
+        dict(p_mean=-1.2, p_std=1.2, sigma_min=0.002, sigma_max=80.0, rho=7.0)
+    )
+    config.optim = base.optimizer(learning_rate=1e-3, warmup_steps=100)
+    config.ema_decay = 0.999
+    config.ema_warmup = True
+    config.eval = ml_collections.ConfigDict(dict(nfe=35, num_samples=4000))
+
+    config.train.num_steps = 3000
+    config.train.batch_size = 512
+    config.train.log_every = 100
+    config.train.checkpoint_every = 1000
+
+    if smoke:
+        config.net.width = 32
+        config.net.depth = 1
+        config.net.emb_dim = 16
+        config.ema_decay = 0.9
+        config.eval.num_samples = 256
+        config.train.num_steps = 20
+        config.train.batch_size = 64
+        config.train.log_every = 5
+        config.train.checkpoint_every = 10
+    return config

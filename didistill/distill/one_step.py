@@ -1,0 +1,242 @@
+"""One-step distillation of an EDM teacher: f-distill, DMD2, Diff-Instruct, SiD, Uni-Instruct.
+
+Three networks share the teacher's denoiser architecture `D(x; sigma)`:
+- the generator `G(z) = D_theta(sigma_g z; sigma_g)`, `z ~ N(0, I)`, initialised from the teacher
+  (DMD2 / SiD practice; `generator.init = 'scratch'` for the from-scratch comparison);
+- the fake score `D_psi`, initialised from the teacher, trained by EDM denoising score matching
+  on generator samples, so `s_psi` tracks the student's noised score `s_q`;
+- the discriminator, a logit on noised samples trained with the logistic loss, so that its logit
+  estimates `log r_t = log p_t - log q_t` (f-distill reads it as the density ratio).
+
+One engine step = `critic_steps` updates of fake score and discriminator (two-time-scale update
+rule, DMD2 / f-distill), then one generator update with the method's loss (see
+`one_step_losses`). Methods (`config.method`):
+
+| method | generator loss | divergence | GAN |
+|---|---|---|---|
+| f_distill | h(r)-weighted score difference | any registered | yes |
+| dmd2 | same | reverse_kl (h = 1) | yes |
+| diff_instruct | same, unit time weight | reverse_kl | no |
+| sid | SiD, gradients through the networks' inputs | (reverse KL) | no |
+| uni_instruct | h-weighted SiD + DI term from grad h | any registered | yes |
+
+`distill.ratio = 'exact'` replaces the discriminator's ratio and the fake score by the exact
+noised densities of an affine Gaussian generator (`generator.kind = 'affine'`) and the exact
+toy teacher: an oracle for testing the estimators, not for real runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from didistill import divergences
+from didistill.distill import one_step_losses as losses
+from didistill.distill import one_step_toy
+from didistill.train.method import Method
+from didistill.train.optim import apply_gradients, ema_update, make_optimizer
+
+METHODS = ("f_distill", "dmd2", "diff_instruct", "sid", "uni_instruct")
+_REVERSE_KL_ONLY = ("dmd2", "diff_instruct", "sid")
+_USES_RATIO = ("f_distill", "uni_instruct")
+
+
+class OneStepState(flax.struct.PyTreeNode):
+    generator: Any
+    generator_opt: Any
+    generator_ema: Any
+    fake_score: Any
+    fake_score_opt: Any
+    discriminator: Any
+    discriminator_opt: Any
+    ratio_bins: jax.Array  # [num_bins] running mean of r per noise bin
+
+
+def validate(config) -> None:
+    """Checks the method-level keys; raises ValueError naming the key and the valid choices."""
+    d = config.distill
+    if config.method not in METHODS:
+        raise ValueError(f"config.method={config.method!r} is not one of {METHODS}")
+    divergences.get(d.divergence, **dict(d.divergence_params))  # raises with the valid names
+    if config.method in _REVERSE_KL_ONLY and d.divergence != "reverse_kl":
+        raise ValueError(
+            f"config.method={config.method!r} is defined with reverse_kl, got "
+            f"config.distill.divergence={d.divergence!r}; use method='f_distill' or "
+            "'uni_instruct' for other divergences"
+        )
+    if d.divergence == "total_variation" and config.method in _USES_RATIO:
+        raise ValueError("config.distill.divergence='total_variation' has no weight h(r)")
+    if d.ratio not in ("discriminator", "exact"):
+        raise ValueError(
+            f"config.distill.ratio={d.ratio!r} is not one of ('discriminator', 'exact')"
+        )
+    if d.ratio == "exact" and (
+        config.generator.kind != "affine" or config.teacher.score != "exact"
+    ):
+        raise ValueError(
+            "config.distill.ratio='exact' needs config.generator.kind='affine' and "
+            "config.teacher.score='exact' (the only case with exact student and teacher densities)"
+        )
+    if d.critic_steps < 0:
+        raise ValueError(f"config.distill.critic_steps must be >= 0, got {d.critic_steps}")
+    if not 0 <= d.min_index < d.max_index <= d.num_sigmas:
+        raise ValueError("config.distill needs 0 <= min_index < max_index <= num_sigmas")
+
+
+def make_method(config) -> Method:
+    """Builds the one-step distillation `Method` for `config` (see `configs/toy2d.py`)."""
+    validate(config)
+    parts = one_step_toy.build(config)  # networks, teacher, data and evaluation for the toy
+    d = config.distill
+    divergence = divergences.get(d.divergence, **dict(d.divergence_params))
+    opt_g = make_optimizer(config.optim_generator)
+    opt_f = make_optimizer(config.optim_fake_score)
+    opt_d = make_optimizer(config.optim_discriminator)
+    sigma_grid = jnp.asarray(parts.sigma_grid)  # [num_sigmas], decreasing
+    bins_per_index = d.num_bins / (d.max_index - d.min_index)
+    exact = d.ratio == "exact"
+
+    def sample_sigmas(key, n):  # noise levels and their bins: ([n], [n])
+        index = jax.random.randint(key, (n,), d.min_index, d.max_index)
+        bins = jnp.floor((index - d.min_index) * bins_per_index).astype(jnp.int32)
+        return sigma_grid[index], bins
+
+    def noised(key, x0):  # -> xt, sigma, bins
+        k_sigma, k_eps = jax.random.split(key)
+        sigma, bins = sample_sigmas(k_sigma, x0.shape[0])
+        eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
+        return x0 + sigma.reshape((-1,) + (1,) * (x0.ndim - 1)) * eps, sigma, bins
+
+    def init(key):
+        g, f, disc = parts.init_params(key)
+        return OneStepState(
+            generator=g,
+            generator_opt=opt_g.init(g),
+            generator_ema=g,
+            fake_score=f,
+            fake_score_opt=opt_f.init(f),
+            discriminator=disc,
+            discriminator_opt=opt_d.init(disc),
+            ratio_bins=jnp.ones((d.num_bins,), jnp.float32),
+        )
+
+    def critic_update(state, real, key):
+        """One fake-score DSM step and one discriminator step on fresh generator samples."""
+        k_gen, k_fake, k_real, k_disc = jax.random.split(key, 4)
+        x0 = jax.lax.stop_gradient(parts.generate(state.generator, k_gen, real.shape[0]))
+        xt, sigma, _ = noised(k_fake, x0)
+
+        def fake_loss(params):
+            return losses.fake_score_loss(
+                parts.denoise(params, xt, sigma), x0, sigma, parts.sigma_data
+            )
+
+        f_loss, f_grads = jax.value_and_grad(fake_loss)(state.fake_score)
+        fake_score, fake_opt = apply_gradients(
+            opt_f, state.fake_score, state.fake_score_opt, f_grads
+        )
+        real_t, real_sigma, _ = noised(k_real, real)
+        fake_t, fake_sigma, _ = noised(k_disc, x0)
+
+        def disc_loss(params):
+            return losses.discriminator_loss(
+                parts.disc_logit(params, real_t, real_sigma),
+                parts.disc_logit(params, fake_t, fake_sigma),
+            )
+
+        d_loss, d_grads = jax.value_and_grad(disc_loss)(state.discriminator)
+        disc, disc_opt = apply_gradients(
+            opt_d, state.discriminator, state.discriminator_opt, d_grads
+        )
+        state = state.replace(
+            fake_score=fake_score,
+            fake_score_opt=fake_opt,
+            discriminator=disc,
+            discriminator_opt=disc_opt,
+        )
+        return state, {"fake_score_loss": f_loss, "discriminator_loss": d_loss}
+
+    def generator_loss(g_params, state, key):
+        k_gen, k_noise = jax.random.split(key)
+        x0 = parts.generate(g_params, k_gen, parts.batch_size)
+        xt, sigma, bins = noised(k_noise, x0)
+        if exact:
+            d_fake = parts.exact_student_denoiser(jax.lax.stop_gradient(g_params), xt, sigma)
+        else:
+            d_fake = parts.denoise(state.fake_score, xt, sigma)
+        d_teacher = parts.teacher_denoise(xt, sigma)
+        logit = None if exact else parts.disc_logit(state.discriminator, xt, sigma)  # grad in xt
+        if exact:
+            log_r = parts.exact_log_ratio(jax.lax.stop_gradient(g_params), xt, sigma)
+        else:
+            log_r = losses.process_log_ratio(logit, d.ratio_lower, d.ratio_upper)
+        ratio_bins = state.ratio_bins
+        if d.bin_normalize and not exact:
+            log_r, ratio_bins = losses.bin_normalize_log_ratio(
+                log_r, bins, d.num_bins, state.ratio_bins, d.ratio_ema_rate
+            )
+        if config.method == "sid":
+            main = losses.sid_generator_loss(x0, d_teacher, d_fake, d.alpha, d.time_weight)
+        elif config.method == "uni_instruct":
+            main = losses.uni_instruct_generator_loss(
+                x0,
+                sigma,
+                d_teacher,
+                d_fake,
+                log_r,
+                divergence,
+                d.alpha,
+                d.normalize_weights,
+                d.time_weight,
+            )
+        else:
+            main = losses.f_distill_generator_loss(
+                x0, d_teacher, d_fake, log_r, divergence, d.normalize_weights, d.time_weight
+            )
+        use_gan = d.gan_weight > 0 and logit is not None
+        gan = losses.generator_gan_loss(logit) if use_gan else jnp.zeros(())
+        total = main + d.gan_weight * gan
+        aux = {"generator_loss": main, "generator_gan_loss": gan, "mean_log_r": jnp.mean(log_r)}
+        return total, (aux, ratio_bins)
+
+    def step(state, batch, key, step_index):
+        del step_index  # every engine step is one generator update after its critic updates
+        k_critic, k_gen = jax.random.split(key)
+        critic_metrics = {}
+        if d.critic_steps > 0:
+            real = jnp.swapaxes(batch["x"], 0, 1)  # [critic_steps, B, ...]
+            critic_keys = jax.random.split(k_critic, d.critic_steps)
+            state, critic_metrics = jax.lax.scan(
+                lambda s, inputs: critic_update(s, *inputs), state, (real, critic_keys)
+            )
+        (_, (aux, ratio_bins)), grads = jax.value_and_grad(generator_loss, has_aux=True)(
+            state.generator, state, k_gen
+        )
+        generator, generator_opt = apply_gradients(
+            opt_g, state.generator, state.generator_opt, grads
+        )
+        state = state.replace(
+            generator=generator,
+            generator_opt=generator_opt,
+            generator_ema=ema_update(state.generator_ema, generator, config.ema_decay),
+            ratio_bins=ratio_bins,
+        )
+        metrics = dict(aux, **{k: jnp.mean(v) for k, v in critic_metrics.items()})
+        return state, metrics
+
+    def evaluate(state, key, workdir):
+        return parts.evaluate(state.generator_ema, key, workdir)
+
+    return Method(
+        init=init,
+        step=step,
+        evaluate=evaluate,
+        batches=parts.batches,
+        global_batch_size=parts.batch_size,
+    )
+
+
+__all__ = ["METHODS", "OneStepState", "make_method", "validate"]

@@ -1,0 +1,241 @@
+"""Exact divergences between categorical distributions given logits (logit distillation).
+
+p = softmax(p_logits / T) is the teacher (target), q = softmax(q_logits / T) the student;
+a = log p, b = log q are computed with log_softmax in at least float32. Every divergence is
+reduced (summed) over `axis`, so [B, L, V] logits give [B, L] values.
+
+f-divergences (`f_divergences.names()`): D_f(p || q) = sum_k q_k f(p_k / q_k), written so each
+term stays finite when probabilities underflow (a_k or b_k very negative or -inf):
+
+    reverse_kl           sum q (b - a)                  forward_kl   sum p (a - b)
+    jensen_shannon       [sum p (a - m) + q (b - m)]/2, m = log((p + q)/2)
+    squared_hellinger    -expm1(logsumexp((a + b)/2))   = 1 - sum sqrt(p q)
+    jeffreys             forward_kl + reverse_kl
+    pearson_chi2         expm1(logsumexp(2a - b))       = sum p^2/q - 1
+    neyman_chi2          expm1(logsumexp(2b - a))
+    total_variation      sum |p - q| / 2
+    softened_reverse_kl  2 sum M (log M - a), M = (p + q)/2, i.e. 2 KL(M || p)
+    alpha                expm1(logsumexp(alpha a + (1 - alpha) b)) / (alpha (alpha - 1))
+
+A term with p_k = q_k = 0 (both logits -inf, a masked vocabulary entry) contributes 0, with
+finite gradients; a term with p_k > 0 = q_k makes forward KL +inf, as it should.
+
+Logit-KD losses that are not f-divergences:
+- `skew_kl` (DistiLLM, Ko et al. 2024): KL(p || alpha p + (1 - alpha) q), alpha in [0, 1]
+  (default 0.1); bounded by -log alpha; alpha = 0 is forward_kl.
+- `skew_reverse_kl`: KL(q || alpha q + (1 - alpha) p); alpha = 0 is reverse_kl.
+- `generalized_jsd` (GKD, Agarwal et al. 2024; TRL `generalized_jsd_loss`): with
+  M = beta p + (1 - beta) q, JSD_beta = beta KL(p || M) + (1 - beta) KL(q || M). Near beta = 0,
+  JSD_beta = beta KL(p || q) + O(beta^2); near beta = 1, (1 - beta) KL(q || p) + O((1-beta)^2).
+  We return JSD_beta / (beta (1 - beta)) = KL(p || M)/(1 - beta) + KL(q || M)/beta, which is
+  continuous on [0, 1] and equals forward KL(p || q) at beta = 0 and reverse KL(q || p) at
+  beta = 1: the same endpoint semantics as TRL (beta = 0: KL(teacher || student)), without
+  TRL's jump. Multiply by beta (1 - beta) to get TRL's interior values (beta = 0.5 gives 4 JS).
+- `alpha_beta` (ABKD, Wang et al. 2025, arXiv 2505.04560), alpha, beta real:
+  D = -1/(alpha beta) sum [p^alpha q^beta - alpha/(alpha+beta) p^(alpha+beta)
+                           - beta/(alpha+beta) q^(alpha+beta)],
+  with the continuous limits (derived by first-order expansion of the exponents):
+  beta = 0:  1/alpha^2 sum [p^alpha log(p^alpha / q^alpha) - p^alpha + q^alpha]
+  alpha = 0: 1/beta^2 sum [q^beta log(q^beta / p^beta) - q^beta + p^beta]
+  alpha + beta = 0: 1/alpha^2 sum [(p/q)^alpha - 1 - alpha log(p/q)]
+  alpha = beta = 0: 1/2 sum (log p - log q)^2.
+  (1, 0) is forward KL, (0, 1) reverse KL, and alpha + beta = 1 is `alpha` with that alpha.
+
+Temperature only divides the logits; multiply by T^2 yourself to keep Hinton's gradient
+scale (grad_z of T^2 KL(p_T || q_T) is T (q_T - p_T)).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import logsumexp
+
+from didistill.divergences.f_divergences import LOG2, FDivergence, names, resolve
+
+KD_NAMES = ("skew_kl", "skew_reverse_kl", "generalized_jsd", "alpha_beta")
+_KD_PARAMS = {
+    "skew_kl": {"alpha": 0.1},
+    "skew_reverse_kl": {"alpha": 0.1},
+    "generalized_jsd": {"beta": 0.5},
+    "alpha_beta": {"alpha": None, "beta": None},  # required
+}
+
+
+def _weighted(log_w, d):
+    """sum-term e^log_w * d with 0 wherever e^log_w = 0 (0 * inf = 0, finite gradients)."""
+    zero = log_w == -jnp.inf
+    return jnp.where(zero, 0.0, jnp.exp(log_w) * jnp.where(zero, 0.0, d))
+
+
+def _log_mix(a, b, w: float):
+    """log(w e^a + (1 - w) e^b) for a Python weight w in [0, 1]."""
+    if w == 0.0:
+        return b
+    if w == 1.0:
+        return a
+    return jnp.logaddexp(a + math.log(w), b + math.log1p(-w))
+
+
+def _kl(a, b, axis):
+    """KL(e^a || e^b) = sum e^a (a - b)."""
+    return jnp.sum(_weighted(a, a - b), axis=axis)
+
+
+def _expm1_lse(arg, axis):
+    return jnp.expm1(logsumexp(arg, axis=axis))
+
+
+def _f_divergence(div: FDivergence, a, b, axis):
+    both_zero = (a == -jnp.inf) & (b == -jnp.inf)
+    a_s, b_s = jnp.where(both_zero, 0.0, a), jnp.where(both_zero, 0.0, b)
+    name = div.name
+    if name == "reverse_kl":
+        return _kl(b, a, axis)
+    if name == "forward_kl":
+        return _kl(a, b, axis)
+    if name == "jeffreys":
+        return _kl(a, b, axis) + _kl(b, a, axis)
+    if name in ("jensen_shannon", "softened_reverse_kl"):
+        m = jnp.logaddexp(a_s, b_s) - LOG2  # log of the mid-point mixture
+        m = jnp.where(both_zero, -jnp.inf, m)
+        if name == "softened_reverse_kl":
+            return 2.0 * jnp.sum(_weighted(m, m - a), axis=axis)
+        return 0.5 * jnp.sum(_weighted(a, a - m) + _weighted(b, b - m), axis=axis)
+    if name == "squared_hellinger":
+        return -_expm1_lse(0.5 * (a + b), axis)
+    if name == "pearson_chi2":
+        return _expm1_lse(jnp.where(a == -jnp.inf, -jnp.inf, 2.0 * a_s - b_s), axis)
+    if name == "neyman_chi2":
+        return _expm1_lse(jnp.where(b == -jnp.inf, -jnp.inf, 2.0 * b_s - a_s), axis)
+    if name == "total_variation":
+        return 0.5 * jnp.sum(jnp.abs(jnp.exp(a) - jnp.exp(b)), axis=axis)
+    if name == "alpha":
+        alpha = dict(div.params)["alpha"]
+        arg = jnp.where(both_zero, -jnp.inf, alpha * a_s + (1.0 - alpha) * b_s)
+        return _expm1_lse(arg, axis) / (alpha * (alpha - 1.0))
+    raise AssertionError(name)  # every registered name is handled above
+
+
+def _alpha_beta(a, b, axis, alpha: float, beta: float):
+    both_zero = (a == -jnp.inf) & (b == -jnp.inf)
+    a, b = jnp.where(both_zero, 0.0, a), jnp.where(both_zero, 0.0, b)
+    s = alpha + beta
+    if alpha == 0.0 and beta == 0.0:
+        term = 0.5 * jnp.square(a - b)
+    elif beta == 0.0:
+        term = _weighted(alpha * a, alpha * (a - b)) - jnp.exp(alpha * a) + jnp.exp(alpha * b)
+        term = term / alpha**2
+    elif alpha == 0.0:
+        term = _weighted(beta * b, beta * (b - a)) - jnp.exp(beta * b) + jnp.exp(beta * a)
+        term = term / beta**2
+    elif s == 0.0:
+        d = alpha * (a - b)
+        term = (jnp.expm1(d) - d) / alpha**2
+    else:
+        term = (
+            jnp.exp(alpha * a + beta * b)
+            - (alpha / s) * jnp.exp(s * a)
+            - (beta / s) * jnp.exp(s * b)
+        ) / (-alpha * beta)
+    return jnp.sum(jnp.where(both_zero, 0.0, term), axis=axis)
+
+
+def _kd(name: str, a, b, axis, params: dict):
+    if name == "alpha_beta":
+        return _alpha_beta(a, b, axis, params["alpha"], params["beta"])
+    both_zero = (a == -jnp.inf) & (b == -jnp.inf)
+    a_s, b_s = jnp.where(both_zero, 0.0, a), jnp.where(both_zero, 0.0, b)
+
+    def mix(x, y, w):  # log(w e^x + (1-w) e^y), -inf where both are; finite gradients
+        return jnp.where(both_zero, -jnp.inf, _log_mix(x, y, w))
+
+    if name == "skew_kl":
+        return _kl(a, mix(a_s, b_s, params["alpha"]), axis)
+    if name == "skew_reverse_kl":
+        return _kl(b, mix(b_s, a_s, params["alpha"]), axis)
+    beta = params["beta"]  # generalized_jsd
+    if beta == 0.0:
+        return _kl(a, b, axis)
+    if beta == 1.0:
+        return _kl(b, a, axis)
+    m = mix(a_s, b_s, beta)
+    return _kl(a, m, axis) / (1.0 - beta) + _kl(b, m, axis) / beta
+
+
+def _kd_params(name: str, params: dict) -> dict:
+    spec = _KD_PARAMS[name]
+    if set(params) - set(spec):
+        raise ValueError(f"{name} takes {', '.join(spec)}; got {sorted(params)}")
+    out = {}
+    for key, default in spec.items():
+        value = params.get(key, default)
+        if value is None:
+            raise ValueError(f"{name} needs {key} (ABKD scripts use alpha=0.2, beta=0.7)")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"{name}: {key} must be a real Python number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"{name}: {key} must be finite, got {value}")
+        if name != "alpha_beta" and not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name}: {key} must lie in [0, 1], got {value}")
+        out[key] = value
+    return out
+
+
+def categorical_names() -> tuple[str, ...]:
+    """Every name `categorical` accepts: the f-divergences, then the logit-KD losses."""
+    return names() + KD_NAMES
+
+
+def _as_float(x):
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def categorical_from_log_probs(divergence: FDivergence | str, log_p, log_q, axis=-1, **params):
+    """Like `categorical`, from normalised log-probabilities (each logsumexp over axis is 0).
+
+    Args:
+      divergence: a name from `categorical_names()` or an FDivergence.
+      log_p: [..., V, ...] teacher log-probabilities; log_q: the student's, same shape.
+    Returns:
+      the divergence, reduced over `axis`.
+    """
+    a, b = _as_float(log_p), _as_float(log_q)
+    if isinstance(divergence, str) and divergence in KD_NAMES:
+        return _kd(divergence, a, b, axis, _kd_params(divergence, params))
+    if isinstance(divergence, str) and divergence not in names():
+        raise ValueError(
+            f"unknown divergence {divergence!r}; valid: {', '.join(categorical_names())}"
+        )
+    return _f_divergence(resolve(divergence, **params), a, b, axis)
+
+
+def categorical(
+    divergence: FDivergence | str, p_logits, q_logits, axis=-1, temperature=1.0, **params
+):
+    """Exact divergence between softmax(p_logits / T) (teacher) and softmax(q_logits / T).
+
+    Args:
+      divergence: a name from `categorical_names()` (f-divergences and the KD losses
+        skew_kl, skew_reverse_kl, generalized_jsd, alpha_beta) or an FDivergence.
+      p_logits: [..., V, ...] teacher logits; q_logits: student logits, same shape. Entries
+        of -inf are allowed (masked vocabulary); bf16 inputs are computed in float32.
+      axis: the category axis.
+      temperature: T > 0 dividing both sets of logits (no T^2 factor applied).
+      **params: alpha / beta of the chosen divergence.
+    Returns:
+      the divergence, reduced over `axis` (e.g. [B, L] for [B, L, V] logits).
+    """
+    if isinstance(temperature, numbers.Real) and not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    log_p = jax.nn.log_softmax(_as_float(p_logits) / temperature, axis=axis)
+    log_q = jax.nn.log_softmax(_as_float(q_logits) / temperature, axis=axis)
+    return categorical_from_log_probs(divergence, log_p, log_q, axis=axis, **params)
+
+
+__all__ = ["KD_NAMES", "categorical", "categorical_from_log_probs", "categorical_names"]

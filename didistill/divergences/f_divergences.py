@@ -1,0 +1,417 @@
+"""The f-divergence registry: generators in log-ratio form, their weights and conjugates.
+
+Convention (DESIGN.md section 1): p is the target (teacher), q the model (student),
+`D_f(p || q) = E_q[f(p/q)]` with f convex and f(1) = 0. Every function takes
+`log_r = log p - log q` and works in log space (expm1, log1p, softplus, sigmoid) so that
+`|log_r| <= 50` stays finite in float32 wherever the exact value is representable.
+
+    name                 f(r)                           h(r) = r^2 f''(r)   activation g(v)
+    reverse_kl           -log r                         1                   -exp(-v)
+    forward_kl           r log r                        r                   v
+    jensen_shannon       [r log r-(r+1)log((r+1)/2)]/2  r/(2(r+1))          (log 2-softplus(-v))/2
+    squared_hellinger    1 - sqrt(r)                    sqrt(r)/4           -exp(-v)/2
+    jeffreys             (r-1) log r                    r + 1               v
+    pearson_chi2         (r-1)^2                        2 r^2               v
+    neyman_chi2          (1-r)^2/r                      2/r                 1 - exp(-v)
+    total_variation      |r-1|/2                        (none: an error)    tanh(v)/2
+    softened_reverse_kl  (r+1) log((r+1)/(2r))          1/(r+1)             f'(exp(v))
+    alpha (a != 0, 1)    (r^a-1-a(r-1))/(a(a-1))        r^a                 a<1: 1/(1-a)-sp(-v)
+                                                                            a>1: v
+    (sp = softplus; f' = df/dr.)
+
+The weight h is the f-distill weight (Xu, Nie, Vahdat 2025, arXiv 2502.15681): for a
+generator x = G_theta(z), grad_theta D_f(p || q_theta) = E_z[h(r) (s_q - s_p)(x) dx/dtheta]
+with s = grad_x log density, so the generator moves samples along h (s_p - s_q).
+
+The conjugate f*(t) = sup_u {t u - f(u)} and the activation g (mapping R into dom f*) give the
+f-GAN bound D_f(p || q) >= E_p[g(V)] - E_q[f*(g(V))] (Nowozin, Cseke, Tomioka 2016, Table 2),
+with equality for g(V) = f'(p/q). The activations are f-GAN's, carried over to this project's
+constants with (c f)*(t) = c f*(t/c) and (f + c (u-1))*(t) = f*(t - c); softened_reverse_kl
+is not in f-GAN and uses g(v) = f'(e^v), whose optimal critic is V = log r. Each generator
+also provides `conjugate_activation(v) = f*(g(v))` in a closed, stable form.
+
+Overflow: beyond float32 range the exact value is returned as +-inf (e.g. pearson_chi2 at
+log_r = 50 is e^100); never NaN for finite inputs. Gradients are finite wherever the value
+and the derivative are representable. Style after TFP `vi.csiszar_divergence`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+LOG2 = math.log(2.0)
+_NEWTON_STEPS = 10
+
+
+def _log_half_one_plus_exp(x):
+    """log((1 + e^x) / 2) = softplus(x) - log 2, without cancellation near x = 0."""
+    xp = jnp.where(x > 0, x, 0.0)  # safe per-branch inputs keep gradients finite
+    xn = jnp.where(x > 0, 0.0, x)
+    return jnp.where(x > 0, xp + jnp.log1p(0.5 * jnp.expm1(-xp)), jnp.log1p(0.5 * jnp.expm1(xn)))
+
+
+def _log_softplus(x):
+    """log(softplus(x)), equal to x (to 1e-9 relative) where softplus underflows."""
+    safe = jnp.where(x < -20.0, -20.0, x)
+    return jnp.where(x < -20.0, x, jnp.log(jax.nn.softplus(safe)))
+
+
+def _outside(mask, t, safe_value, fn, outside_value=jnp.inf):
+    """fn(t) where mask holds, outside_value elsewhere; fn never sees an out-of-domain t."""
+    return jnp.where(mask, fn(jnp.where(mask, t, safe_value)), outside_value)
+
+
+# ---- reverse_kl: f = -log r. f*(t) = sup t u + log u = -1 - log(-t) at u = -1/t, t < 0.
+def _rkl_conjugate(t):
+    return _outside(t < 0, t, -1.0, lambda s: -1.0 - jnp.log(-s))
+
+
+# ---- jensen_shannon: f = [r log r - (r+1) log((r+1)/2)]/2 = -[r L(-l) + L(l)]/2 with
+# L(x) = log((1+e^x)/2). With f2 = 2f ("JS x2", f-GAN), f2*(t) = -log(2 - e^t) on t < log 2,
+# so f*(t) = f2*(2t)/2 = -log(2 - e^(2t))/2 on t < log(2)/2 and g = g2/2. f*(g(v)) simplifies
+# to (softplus(v) - log 2)/2; the optimal critic is V = log r.
+def _js_f(l):
+    return -0.5 * (jnp.exp(l) * _log_half_one_plus_exp(-l) + _log_half_one_plus_exp(l))
+
+
+def _js_conjugate(t):
+    fn = lambda s: -0.5 * (LOG2 + jnp.log1p(-jnp.exp(2.0 * s - LOG2)))
+    return _outside(t < 0.5 * LOG2, t, 0.0, fn)
+
+
+# ---- squared_hellinger: f = 1 - sqrt(u). For t < 0 the sup is at sqrt(u) = -1/(2t), giving
+# f*(t) = -1 - 1/(4t); t >= 0 is +inf. f-GAN's (sqrt(u)-1)^2 = 2 f + (u - 1) with activation
+# 1 - e^(-v) maps to g(v) = -e^(-v)/2 here, f*(g(v)) = e^v/2 - 1; optimal V = log(r)/2.
+def _hellinger_conjugate(t):
+    return _outside(t < 0, t, -1.0, lambda s: -1.0 - 0.25 / s)
+
+
+# ---- jeffreys: f = (u-1) log u. Stationarity t = log u + 1 - 1/u; with w = 1/u this is
+# log w + w = 1 - t, i.e. w = W(e^(1-t)) (Lambert W), and f*(t) = w + 1/w + t - 2 on all of R.
+# Solved for log w by Newton on ell + e^ell = 1 - t (convex, increasing; the start lies right
+# of the root, so the iterates decrease monotonically to it).
+def _jeffreys_conjugate(t):
+    z = 1.0 - t
+    ell = jnp.where(z > 1.0, jnp.log(jnp.maximum(z, 1.0)), z)
+    for _ in range(_NEWTON_STEPS):
+        e = jnp.exp(ell)
+        ell = ell - (ell + e - z) / (1.0 + e)
+    return jnp.exp(ell) + jnp.exp(-ell) + t - 2.0
+
+
+# ---- pearson_chi2: f = (u-1)^2 on u >= 0: sup at u = 1 + t/2 if t >= -2 (t + t^2/4),
+# else at u = 0 (-1).
+def _pearson_conjugate(t):
+    return jnp.where(t >= -2.0, t + 0.25 * t * t, -1.0)
+
+
+# ---- neyman_chi2: f = (1-u)^2/u = u - 2 + 1/u. For t < 1 the sup is at u = (1-t)^(-1/2):
+# f*(t) = 2 - 2 sqrt(1-t) (also the limit 2 at t = 1); +inf for t > 1. f*(g(v)) = 2-2e^(-v/2);
+# optimal V = 2 log r.
+def _neyman_conjugate(t):
+    return _outside(t <= 1.0, t, 0.0, lambda s: 2.0 - 2.0 * jnp.sqrt(1.0 - s))
+
+
+# ---- total_variation: f = |u-1|/2 on u >= 0: f*(t) = t on |t| <= 1/2, +inf for t > 1/2 and
+# -1/2 = -f(0) for t < -1/2 (the sup sits at u = 0; f-GAN's "|t| <= 1/2" assumes u in R).
+def _tv_conjugate(t):
+    return jnp.where(t <= 0.5, jnp.maximum(t, -0.5), jnp.inf)
+
+
+# ---- softened_reverse_kl: f = (u+1) log((u+1)/(2u)) = (1+r) L(-l), f' = L(-l) - 1/r.
+# With a = 1/u stationarity reads a - log(1+a) = -(t + log 2) =: k >= 0 and then
+# f*(t) = -1 - t - a (t = -log 2 gives a = 0, the limit u -> inf); t > -log 2 is +inf.
+# a is found by Newton (convex increasing in a; the start k + sqrt(2k) lies right of the
+# root). With g(v) = f'(e^v), Fenchel-Young gives f*(g(v)) = e^v f'(e^v) - f(e^v) = -1 - L(-v).
+def _srkl_conjugate(t):
+    def solve(s):
+        k = -(s + LOG2)
+        a = k + jnp.sqrt(2.0 * k)
+        for _ in range(_NEWTON_STEPS):
+            a = a - (a - jnp.log1p(a) - k) * (1.0 + a) / jnp.maximum(a, 1e-30)
+        return -1.0 - s - a
+
+    return _outside(t <= -LOG2, t, -1.0, solve)
+
+
+# ---- alpha: f = (r^a - 1 - a(r-1))/(a(a-1)) = sum_i c_i e^(k_i l), k in {a, 0, 1}. Each side
+# of l = 0 factors out its dominant exponential so that every expm1 argument is <= 0: no
+# overflow before the value itself overflows, no cancellation near l = 0 beyond the O(l) one.
+# Conjugate: u* = y^(1/(a-1)) with y = 1 + (a-1) t > 0 gives f*(t) = (y^(a/(a-1)) - 1)/a.
+# a > 1: dom f* = R, f*(t) = -1/a where y <= 0 (u* = 0). a < 0: y = 0 gives -1/a, y < 0 inf.
+# 0 < a < 1: y <= 0 is +inf. f-GAN activation: a < 1: 1/(1-a) - softplus(-v), for which
+# y = (1-a) softplus(-v); a > 1: v.
+def _alpha_f(l, alpha):
+    a, c = alpha, alpha * (alpha - 1.0)
+    ln, lp = jnp.where(l < 0, l, 0.0), jnp.where(l < 0, 0.0, l)
+
+    def direct(x):  # dominant term e^0
+        return (jnp.expm1(a * x) - a * jnp.expm1(x)) / c
+
+    def dual(x):  # dominant term e^x (r f_{1-a}(1/r))
+        return jnp.exp(x) * (jnp.expm1((a - 1.0) * x) - (1.0 - a) * jnp.expm1(-x)) / c
+
+    def scaled(x):  # dominant term e^(a x)
+        return jnp.exp(a * x) * ((a - 1.0) * jnp.expm1(-a * x) - a * jnp.expm1((1.0 - a) * x)) / c
+
+    negative_side = direct(ln) if a > 0 else scaled(ln)
+    positive_side = dual(lp) if a < 1 else scaled(lp)
+    return jnp.where(l < 0, negative_side, positive_side)
+
+
+def _alpha_conjugate(t, alpha):
+    y = 1.0 + (alpha - 1.0) * t
+    if alpha > 1:
+        outside = -1.0 / alpha
+    elif alpha < 0:
+        outside = jnp.where(y == 0, -1.0 / alpha, jnp.inf)
+    else:
+        outside = jnp.inf
+    fn = lambda s: jnp.expm1(alpha / (alpha - 1.0) * jnp.log(1.0 + (alpha - 1.0) * s)) / alpha
+    return _outside(y > 0, t, 0.0, fn, outside)
+
+
+def _alpha_activation(v, alpha):
+    return 1.0 / (1.0 - alpha) - jax.nn.softplus(-v) if alpha < 1 else v
+
+
+def _alpha_conjugate_activation(v, alpha):
+    if alpha > 1:
+        return _alpha_conjugate(v, alpha)
+    log_y = math.log(1.0 - alpha) + _log_softplus(-v)
+    return jnp.expm1(alpha / (alpha - 1.0) * log_y) / alpha
+
+
+class _Generator(NamedTuple):
+    """Elementwise functions of one f; all take (array, **params)."""
+
+    f: Callable
+    f_prime: Callable
+    weight: Callable | None
+    log_weight: Callable | None
+    conjugate: Callable
+    activation: Callable
+    conjugate_activation: Callable
+    params: tuple[str, ...] = ()
+
+
+_exp, _sp, _L = jnp.exp, jax.nn.softplus, _log_half_one_plus_exp
+
+_REGISTRY: dict[str, _Generator] = {
+    "reverse_kl": _Generator(
+        f=lambda l: -l,
+        f_prime=lambda l: -_exp(-l),
+        weight=jnp.ones_like,
+        log_weight=jnp.zeros_like,
+        conjugate=_rkl_conjugate,
+        activation=lambda v: -_exp(-v),
+        conjugate_activation=lambda v: v - 1.0,
+    ),
+    "forward_kl": _Generator(
+        f=lambda l: l * _exp(l),
+        f_prime=lambda l: l + 1.0,
+        weight=_exp,
+        log_weight=lambda l: l,
+        conjugate=lambda t: _exp(t - 1.0),
+        activation=lambda v: v,
+        conjugate_activation=lambda v: _exp(v - 1.0),
+    ),
+    "jensen_shannon": _Generator(
+        f=_js_f,
+        f_prime=lambda l: -0.5 * _L(-l),
+        weight=lambda l: 0.5 * jax.nn.sigmoid(l),
+        log_weight=lambda l: jax.nn.log_sigmoid(l) - LOG2,
+        conjugate=_js_conjugate,
+        activation=lambda v: 0.5 * (LOG2 - _sp(-v)),
+        conjugate_activation=lambda v: 0.5 * (_sp(v) - LOG2),
+    ),
+    "squared_hellinger": _Generator(
+        f=lambda l: -jnp.expm1(0.5 * l),
+        f_prime=lambda l: -0.5 * _exp(-0.5 * l),
+        weight=lambda l: 0.25 * _exp(0.5 * l),
+        log_weight=lambda l: 0.5 * l - 2.0 * LOG2,
+        conjugate=_hellinger_conjugate,
+        activation=lambda v: -0.5 * _exp(-v),
+        conjugate_activation=lambda v: 0.5 * _exp(v) - 1.0,
+    ),
+    "jeffreys": _Generator(
+        f=lambda l: l * jnp.expm1(l),
+        f_prime=lambda l: l - jnp.expm1(-l),
+        weight=lambda l: 1.0 + _exp(l),
+        log_weight=_sp,
+        conjugate=_jeffreys_conjugate,
+        activation=lambda v: v,
+        conjugate_activation=_jeffreys_conjugate,
+    ),
+    "pearson_chi2": _Generator(
+        f=lambda l: jnp.square(jnp.expm1(l)),
+        f_prime=lambda l: 2.0 * jnp.expm1(l),
+        weight=lambda l: 2.0 * _exp(2.0 * l),
+        log_weight=lambda l: LOG2 + 2.0 * l,
+        conjugate=_pearson_conjugate,
+        activation=lambda v: v,
+        conjugate_activation=_pearson_conjugate,
+    ),
+    "neyman_chi2": _Generator(
+        f=lambda l: 4.0 * jnp.square(jnp.sinh(0.5 * l)),
+        f_prime=lambda l: -jnp.expm1(-2.0 * l),
+        weight=lambda l: 2.0 * _exp(-l),
+        log_weight=lambda l: LOG2 - l,
+        conjugate=_neyman_conjugate,
+        activation=lambda v: -jnp.expm1(-v),
+        conjugate_activation=lambda v: 2.0 - 2.0 * _exp(-0.5 * v),
+    ),
+    "total_variation": _Generator(
+        f=lambda l: 0.5 * jnp.abs(jnp.expm1(l)),
+        f_prime=lambda l: 0.5 * jnp.sign(l),
+        weight=None,
+        log_weight=None,
+        conjugate=_tv_conjugate,
+        activation=lambda v: 0.5 * jnp.tanh(v),
+        conjugate_activation=lambda v: 0.5 * jnp.tanh(v),
+    ),
+    "softened_reverse_kl": _Generator(
+        f=lambda l: (1.0 + _exp(l)) * _L(-l),
+        f_prime=lambda l: _L(-l) - _exp(-l),
+        weight=lambda l: jax.nn.sigmoid(-l),
+        log_weight=lambda l: -_sp(l),
+        conjugate=_srkl_conjugate,
+        activation=lambda v: _L(-v) - _exp(-v),
+        conjugate_activation=lambda v: -1.0 - _L(-v),
+    ),
+    "alpha": _Generator(
+        f=_alpha_f,
+        f_prime=lambda l, alpha: jnp.expm1((alpha - 1.0) * l) / (alpha - 1.0),
+        weight=lambda l, alpha: _exp(alpha * l),
+        log_weight=lambda l, alpha: alpha * l,
+        conjugate=_alpha_conjugate,
+        activation=_alpha_activation,
+        conjugate_activation=_alpha_conjugate_activation,
+        params=("alpha",),
+    ),
+}
+
+
+def names() -> tuple[str, ...]:
+    """Every registered f-divergence name, in DESIGN.md order."""
+    return tuple(_REGISTRY)
+
+
+def _validate(name: str, params: dict) -> tuple[tuple[str, float], ...]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown f-divergence {name!r}; valid names: {', '.join(names())}")
+    expected = _REGISTRY[name].params
+    if set(params) != set(expected):
+        wanted = ", ".join(expected) if expected else "no parameters"
+        raise ValueError(f"f-divergence {name!r} takes {wanted}; got {sorted(params) or 'none'}")
+    clean = {}
+    for key, value in params.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"{name}: {key} must be a real Python number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"{name}: {key} must be finite, got {value}")
+        clean[key] = value
+    if name == "alpha" and clean["alpha"] in (0.0, 1.0):
+        raise ValueError(
+            "alpha: alpha must differ from 0 and 1 (use 'reverse_kl' for alpha -> 0 and "
+            f"'forward_kl' for alpha -> 1); got {clean['alpha']}"
+        )
+    return tuple(sorted(clean.items()))
+
+
+def _as_float(x):
+    x = jnp.asarray(x)
+    return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class FDivergence:
+    """One f-divergence: a name and its (static) parameters; hashable, so usable as a static
+    jit argument. All methods are elementwise on arrays; `f`, `f_prime`, `weight` and
+    `log_weight` take log_r = log p - log q, `conjugate` takes t and the activations take the
+    raw critic output v."""
+
+    name: str
+    params: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "params", _validate(self.name, dict(self.params)))
+
+    @property
+    def _gen(self) -> _Generator:
+        return _REGISTRY[self.name]
+
+    def _call(self, fn, x):
+        return fn(_as_float(x), **dict(self.params))
+
+    @property
+    def has_weight(self) -> bool:
+        return self._gen.weight is not None
+
+    def f(self, log_r):
+        """f(r) at r = exp(log_r)."""
+        return self._call(self._gen.f, log_r)
+
+    def f_prime(self, log_r):
+        """f'(r) (d f / d r, not d f / d log_r)."""
+        return self._call(self._gen.f_prime, log_r)
+
+    def _weight_fn(self, which: str) -> Callable:
+        fn = getattr(self._gen, which)
+        if fn is None:
+            raise ValueError(
+                f"{self.name} has no weight h(r) = r^2 f''(r): its generator is piecewise "
+                "linear (f'' = 0 almost everywhere), so score-difference distillation is "
+                f"undefined; use one of {', '.join(n for n in names() if n != self.name)}"
+            )
+        return fn
+
+    def weight(self, log_r):
+        """h(r) = r^2 f''(r), the f-distill weight on (s_q - s_p)."""
+        return self._call(self._weight_fn("weight"), log_r)
+
+    def log_weight(self, log_r):
+        """log h(r), finite for every finite log_r (normalise batches with logsumexp)."""
+        return self._call(self._weight_fn("log_weight"), log_r)
+
+    def conjugate(self, t):
+        """Fenchel conjugate f*(t) = sup_u t u - f(u); +inf outside dom f*."""
+        return self._call(self._gen.conjugate, t)
+
+    def activation(self, v):
+        """f-GAN output activation g: R -> dom f*."""
+        return self._call(self._gen.activation, v)
+
+    def conjugate_activation(self, v):
+        """f*(g(v)) in a closed form that stays finite where g(v) approaches dom f*'s edge."""
+        return self._call(self._gen.conjugate_activation, v)
+
+
+def get(name: str, **params) -> FDivergence:
+    """The f-divergence `name` with its parameters, e.g. get("alpha", alpha=0.5).
+
+    Raises ValueError for an unknown name or a missing, extra, non-finite or invalid
+    parameter, listing the valid choices."""
+    return FDivergence(name, tuple(params.items()))
+
+
+def resolve(divergence: FDivergence | str, **params) -> FDivergence:
+    """An FDivergence from an FDivergence (returned as is) or a name (with params)."""
+    if isinstance(divergence, FDivergence):
+        if params:
+            raise ValueError(f"parameters {sorted(params)} given with an FDivergence instance")
+        return divergence
+    if isinstance(divergence, str):
+        return get(divergence, **params)
+    raise ValueError(f"expected an FDivergence or one of {names()}, got {divergence!r}")
+
+
+__all__ = ["FDivergence", "LOG2", "get", "names", "resolve"]

@@ -1,0 +1,357 @@
+"""DDPM++ U-Net (EDM's SongUNet, 'ddpmpp' flavour) with EDM preconditioning, and a conv head.
+
+Architecture: Song et al., "Score-Based Generative Modeling through Stochastic Differential
+Equations", ICLR 2021 (DDPM++), as re-implemented in EDM (Karras et al. 2022,
+NVlabs/edm `training/networks.py`, `SongUNet` with embedding_type='positional',
+encoder_type='standard', decoder_type='standard', channel_mult_noise=1,
+resample_filter=[1, 1]). Module names follow EDM's so that `didistill.nets.convert_edm` maps
+a state dict one-to-one: the raw network F is the submodule 'model', with 'map_label',
+'map_augment', 'map_layer0', 'map_layer1', and the dictionaries 'enc' / 'dec' of blocks
+'{r}x{r}_conv', '{r}x{r}_down', '{r}x{r}_block{i}', '{r}x{r}_in0', '{r}x{r}_in1',
+'{r}x{r}_up', '{r}x{r}_aux_norm', '{r}x{r}_aux_conv'. Images are NHWC (EDM is NCHW).
+
+F(x; c_noise, y):
+    emb = silu(W1 silu(W0 (PE(c_noise) + L(y sqrt(label_dim)) + A(aug))))     # [B, E]
+    PE(c)_j = [sin(c w_j), cos(c w_j)], w_j = 10000^(-j / (N/2 - 1)), j = 0..N/2-1,
+with N = model_channels, E = channel_mult_emb N, y a one-hot label. Encoder: a 3x3 conv,
+then per resolution level `num_blocks` residual blocks (and a downsampling block between
+levels); decoder: two blocks at the coarsest level (the first with attention), then per level
+an upsampling block (except the coarsest) and `num_blocks + 1` blocks each fed the
+concatenation with the matching encoder output (U-Net skip), and finally
+conv3x3(silu(GroupNorm(h))). Residual block (`UNetBlock`, adaptive_scale=False):
+    h = conv0(resample(silu(GN0(x))));  h = silu(GN1(h + Dense(emb)))
+    h = conv1(dropout(h));  x' = (h + skip(resample(x))) / sqrt(2)
+    [attention] x'' = (proj(softmax(q^T k / sqrt(C)) v) + x') / sqrt(2), q, k, v = qkv(GN2(x'))
+with skip a 1x1 conv when channels or resolution change. Resampling with EDM's [1, 1] filter is
+exactly a 2x2 average pool (down) and nearest-neighbour repetition (up). GroupNorm uses
+min(32, C / 4) groups, eps 1e-6. Initialisation as EDM: Xavier-uniform, the last conv of each
+block and of the output scaled by 1e-5, qkv by sqrt(0.2), biases zero.
+
+`UNetDenoiser` wraps F with EDM preconditioning (`didistill.diffusion.edm.precondition`):
+D(x; sigma) = c_skip x + c_out F(c_in x; ln(sigma) / 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from didistill.diffusion import edm
+
+XAVIER = nn.initializers.xavier_uniform()
+INIT_ZERO = nn.initializers.variance_scaling(1e-10, "fan_avg", "uniform")  # xavier * 1e-5
+INIT_ATTN = nn.initializers.variance_scaling(0.2, "fan_avg", "uniform")  # xavier * sqrt(0.2)
+SKIP_SCALE = float(np.sqrt(0.5))
+
+
+def positional_embedding(c: jax.Array, num_channels: int, max_positions: int = 10000):
+    """EDM's DDPM++ noise embedding (endpoint=True, sin/cos halves swapped): [B] -> [B, N].
+
+    [sin(c w_j) for j] ++ [cos(c w_j) for j], w_j = max_positions^(-j / (N/2 - 1)).
+    """
+    half = num_channels // 2
+    freqs = (1.0 / max_positions) ** (jnp.arange(half, dtype=jnp.float32) / (half - 1))
+    angles = c.astype(jnp.float32)[:, None] * freqs[None]  # [B, N/2]
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)  # [B, N]
+
+
+def group_norm(channels: int, name: str, dtype=jnp.float32) -> nn.GroupNorm:
+    """EDM's GroupNorm: min(32, C // 4) groups, eps 1e-6."""
+    groups = min(32, channels // 4)
+    if groups < 1 or channels % groups:
+        raise ValueError(f"GroupNorm over {channels} channels: need C >= 4 and C % groups == 0")
+    return nn.GroupNorm(
+        num_groups=groups, epsilon=1e-6, use_fast_variance=False, dtype=dtype, name=name
+    )
+
+
+def conv(features: int, kernel: int, name: str, init=XAVIER, dtype=jnp.float32) -> nn.Conv:
+    return nn.Conv(features, (kernel, kernel), padding="SAME", kernel_init=init, dtype=dtype, name=name)
+
+
+def downsample(x: jax.Array) -> jax.Array:
+    """2x2 average pool, [B, H, W, C] -> [B, H/2, W/2, C] (EDM's [1, 1] filter, stride 2)."""
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+def upsample(x: jax.Array) -> jax.Array:
+    """Nearest-neighbour 2x, [B, H, W, C] -> [B, 2H, 2W, C] (EDM's [1, 1] transposed filter)."""
+    return x.repeat(2, axis=1).repeat(2, axis=2)
+
+
+class UNetBlock(nn.Module):
+    """EDM's UNetBlock for DDPM++ (adaptive_scale=False, one attention head, resample_proj)."""
+
+    out_channels: int
+    up: bool = False
+    down: bool = False
+    attention: bool = False
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
+        # x [B, H, W, Cin], emb [B, E] -> [B, H', W', Cout]
+        cout, dt = self.out_channels, self.dtype
+        resample = upsample if self.up else downsample if self.down else (lambda t: t)
+        orig = x
+        h = nn.silu(group_norm(x.shape[-1], "norm0", dt)(x))
+        h = conv(cout, 3, "conv0", dtype=dt)(resample(h))
+        h = h + nn.Dense(cout, kernel_init=XAVIER, dtype=dt, name="affine")(emb)[:, None, None]
+        h = nn.silu(group_norm(cout, "norm1", dt)(h))
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = conv(cout, 3, "conv1", INIT_ZERO, dt)(h)
+        if cout != x.shape[-1] or self.up or self.down:
+            orig = conv(cout, 1, "skip", dtype=dt)(resample(orig))
+        x = (h + orig) * SKIP_SCALE  # [B, H', W', Cout]
+        if self.attention:
+            b, hh, ww, c = x.shape
+            qkv = conv(3 * c, 1, "qkv", INIT_ATTN, dt)(group_norm(c, "norm2", dt)(x))
+            # EDM's channel layout of qkv is (channel, {q, k, v}) interleaved.
+            qkv = qkv.reshape(b, hh * ww, c, 3).astype(jnp.float32)  # [B, HW, C, 3]
+            q, k, v = qkv[..., 0], qkv[..., 1], qkv[..., 2]  # [B, HW, C] each
+            w = jax.nn.softmax(jnp.einsum("bqc,bkc->bqk", q, k / np.sqrt(c)), axis=-1)
+            a = jnp.einsum("bqk,bkc->bqc", w, v).reshape(b, hh, ww, c).astype(x.dtype)
+            x = (conv(c, 1, "proj", INIT_ZERO, dt)(a) + x) * SKIP_SCALE
+        return x
+
+
+class SongUNet(nn.Module):
+    """The raw DDPM++ network F(x_in [B, H, W, C], c_noise [B], y [B, L]) -> [B, H, W, C].
+
+    See the module docstring; attributes follow EDM's SongUNet (ddpmpp flavour).
+    `features=True` also returns {resolution: last encoder output at it, [B, r, r, C_r]}.
+    """
+
+    model_channels: int = 128
+    channel_mult: Sequence[int] = (2, 2, 2)
+    channel_mult_emb: int = 4
+    num_blocks: int = 4
+    attn_resolutions: Sequence[int] = (16,)
+    dropout: float = 0.10
+    label_dim: int = 0
+    label_dropout: float = 0.0
+    augment_dim: int = 0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, c_noise, class_labels=None, augment_labels=None, train=False):
+        emb = positional_embedding(c_noise, self.model_channels)  # [B, N]
+        if self.label_dim:
+            y = class_labels.astype(jnp.float32)  # [B, L]
+            if train and self.label_dropout:
+                keep = jax.random.uniform(self.make_rng("dropout"), (x.shape[0], 1))
+                y = y * (keep >= self.label_dropout)
+            y = y * np.sqrt(self.label_dim)
+            emb = emb + nn.Dense(self.model_channels, kernel_init=XAVIER, name="map_label")(y)
+        if self.augment_dim:  # EDM's augmentation labels; zeros (no augmentation) by default
+            if augment_labels is None:
+                augment_labels = jnp.zeros((x.shape[0], self.augment_dim), jnp.float32)
+            map_augment = nn.Dense(
+                self.model_channels, use_bias=False, kernel_init=XAVIER, name="map_augment"
+            )
+            emb = emb + map_augment(augment_labels)
+        emb_dim = self.model_channels * self.channel_mult_emb
+        emb = nn.silu(nn.Dense(emb_dim, kernel_init=XAVIER, name="map_layer0")(emb))
+        emb = nn.silu(nn.Dense(emb_dim, kernel_init=XAVIER, name="map_layer1")(emb))  # [B, E]
+
+        levels = len(self.channel_mult)
+        if x.shape[1] != x.shape[2] or x.shape[1] % 2 ** (levels - 1):
+            raise ValueError(
+                f"images {x.shape[1:3]} must be square with a side divisible by "
+                f"2^(len(channel_mult) - 1) = {2 ** (levels - 1)}"
+            )
+        kwargs = dict(
+            model_channels=self.model_channels,
+            channel_mult=tuple(self.channel_mult),
+            num_blocks=self.num_blocks,
+            attn_resolutions=tuple(self.attn_resolutions),
+            dropout=self.dropout,
+            dtype=self.dtype,
+        )
+        skips, feats = _Encoder(**kwargs, name="enc")(x.astype(self.dtype), emb, train)
+        out = _Decoder(**kwargs, out_channels=x.shape[-1], name="dec")(skips, emb, train)
+        return out.astype(jnp.float32), feats
+
+
+class _Encoder(nn.Module):
+    model_channels: int
+    channel_mult: tuple[int, ...]
+    num_blocks: int
+    attn_resolutions: tuple[int, ...]
+    dropout: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x, emb, train):
+        # -> skips: every block output (EDM order), feats {res: last output at res}
+        res0, skips, feats = x.shape[1], [], {}
+        for level, mult in enumerate(self.channel_mult):
+            res = res0 >> level
+            if level == 0:
+                x = conv(self.model_channels, 3, f"{res}x{res}_conv", dtype=self.dtype)(x)
+            else:
+                block = UNetBlock(
+                    x.shape[-1], down=True, dropout=self.dropout, dtype=self.dtype,
+                    name=f"{res}x{res}_down",
+                )  # fmt: skip
+                x = block(x, emb, train)
+            skips.append(x)
+            for idx in range(self.num_blocks):
+                block = UNetBlock(
+                    self.model_channels * mult, attention=res in self.attn_resolutions,
+                    dropout=self.dropout, dtype=self.dtype, name=f"{res}x{res}_block{idx}",
+                )  # fmt: skip
+                x = block(x, emb, train)
+                skips.append(x)
+            feats[res] = x  # [B, res, res, C_level]
+        return skips, feats
+
+
+class _Decoder(nn.Module):
+    model_channels: int
+    channel_mult: tuple[int, ...]
+    num_blocks: int
+    attn_resolutions: tuple[int, ...]
+    dropout: float
+    dtype: Any
+    out_channels: int
+
+    @nn.compact
+    def __call__(self, skips, emb, train):
+        skips = list(skips)
+        x = skips[-1]
+        res0 = skips[0].shape[1]
+        dt, levels = self.dtype, len(self.channel_mult)
+        for level in reversed(range(levels)):
+            res, mult = res0 >> level, self.channel_mult[level]
+            cout = x.shape[-1]
+            if level == levels - 1:
+                x = UNetBlock(cout, attention=True, dropout=self.dropout, dtype=dt,
+                              name=f"{res}x{res}_in0")(x, emb, train)  # fmt: skip
+                x = UNetBlock(cout, dropout=self.dropout, dtype=dt,
+                              name=f"{res}x{res}_in1")(x, emb, train)  # fmt: skip
+            else:
+                x = UNetBlock(cout, up=True, dropout=self.dropout, dtype=dt,
+                              name=f"{res}x{res}_up")(x, emb, train)  # fmt: skip
+            for idx in range(self.num_blocks + 1):
+                x = jnp.concatenate([x, skips.pop()], axis=-1)  # U-Net skip
+                attn = idx == self.num_blocks and res in self.attn_resolutions
+                x = UNetBlock(self.model_channels * mult, attention=attn, dropout=self.dropout,
+                              dtype=dt, name=f"{res}x{res}_block{idx}")(x, emb, train)  # fmt: skip
+        h = nn.silu(group_norm(x.shape[-1], f"{res0}x{res0}_aux_norm", dt)(x))
+        return conv(self.out_channels, 3, f"{res0}x{res0}_aux_conv", INIT_ZERO, dt)(h)
+
+
+class UNetDenoiser(nn.Module):
+    """EDM-preconditioned DDPM++ denoiser D(x; sigma, y).
+
+    `D = net.apply(params, x, sigma, labels)`; with `train=True` dropout (and label dropout)
+    is active and needs `rngs={'dropout': key}`. With `features=True` it returns
+    `(D, feats)`, feats = {resolution r: encoder output [B, r, r, C_r]} of F at this sigma
+    (the decoder is still evaluated; under jit XLA removes it when D is unused).
+
+    Attributes: those of EDM's SongUNet (see `SongUNet`), plus `sigma_data`.
+    Params live under 'model' (EDM's `EDMPrecond.model`). Defaults are EDM's CIFAR-10 DDPM++
+    except `dropout` (EDM trains CIFAR-10 with 0.13) and `augment_dim` (9 in EDM's released
+    CIFAR-10 models, which were trained with augmentation).
+    """
+
+    model_channels: int = 128
+    channel_mult: Sequence[int] = (2, 2, 2)
+    channel_mult_emb: int = 4
+    num_blocks: int = 4
+    attn_resolutions: Sequence[int] = (16,)
+    dropout: float = 0.10
+    label_dim: int = 0
+    label_dropout: float = 0.0
+    augment_dim: int = 0
+    sigma_data: float = edm.SIGMA_DATA
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, sigma, labels=None, train: bool = False, features: bool = False):
+        """x [B, H, W, C], sigma scalar or [B], labels int [B] or one-hot/soft [B, L]."""
+        y = self._labels(labels, x.shape[0])
+        net = SongUNet(
+            model_channels=self.model_channels,
+            channel_mult=tuple(self.channel_mult),
+            channel_mult_emb=self.channel_mult_emb,
+            num_blocks=self.num_blocks,
+            attn_resolutions=tuple(self.attn_resolutions),
+            dropout=self.dropout,
+            label_dim=self.label_dim,
+            label_dropout=self.label_dropout,
+            augment_dim=self.augment_dim,
+            dtype=self.dtype,
+            name="model",
+        )
+        feats = {}
+
+        def raw_fn(x_in, c_noise):  # F(c_in x; c_noise): [B, H, W, C], [B] -> [B, H, W, C]
+            out, enc_feats = net(x_in, c_noise, y, train=train)
+            feats.update(enc_feats)
+            return out
+
+        denoised = edm.precondition(raw_fn, x.astype(jnp.float32), sigma, self.sigma_data)
+        return (denoised, feats) if features else denoised
+
+    def _labels(self, labels, batch: int):
+        """-> [B, L] float one-hot (zeros when None, like EDM), or None if unconditional."""
+        if not self.label_dim:
+            if labels is not None:
+                raise ValueError("labels given to an unconditional UNetDenoiser (label_dim=0)")
+            return None
+        if labels is None:
+            return jnp.zeros((batch, self.label_dim), jnp.float32)
+        labels = jnp.asarray(labels)
+        if labels.ndim == 1:  # class indices
+            return jax.nn.one_hot(labels, self.label_dim, dtype=jnp.float32)
+        return labels.astype(jnp.float32).reshape(batch, self.label_dim)
+
+
+class ConvHead(nn.Module):
+    """Discriminator head on U-Net features: {res: [B, r, r, C]} -> one logit per image [B].
+
+    Per chosen resolution: `num_layers` x (conv3x3 stride 2 while the map is larger than 4x4,
+    else stride 1 -> GroupNorm -> SiLU), a spatial mean, then the per-resolution vectors are
+    concatenated and a dense layer gives the logit (in the spirit of the small heads of DMD2
+    and f-distill on the teacher's / fake score's encoder features).
+    """
+
+    resolutions: Sequence[int] | None = None  # None: every resolution in the features
+    width: int = 128
+    num_layers: int = 2
+
+    @nn.compact
+    def __call__(self, feats: dict[int, jax.Array]) -> jax.Array:
+        chosen = sorted(feats) if self.resolutions is None else list(self.resolutions)
+        pooled = []
+        for res in chosen:
+            if res not in feats:
+                raise KeyError(f"ConvHead wants features at {res}x{res}; have {sorted(feats)}")
+            h = feats[res].astype(jnp.float32)  # [B, r, r, C]
+            for i in range(self.num_layers):
+                stride = 2 if h.shape[1] > 4 else 1
+                h = nn.Conv(self.width, (3, 3), strides=stride, padding="SAME",
+                            name=f"{res}x{res}_conv{i}")(h)  # fmt: skip
+                h = nn.silu(group_norm(self.width, f"{res}x{res}_norm{i}")(h))
+            pooled.append(h.mean(axis=(1, 2)))  # [B, width]
+        return nn.Dense(1, name="out")(jnp.concatenate(pooled, axis=-1))[:, 0]  # [B]
+
+
+__all__ = [
+    "ConvHead",
+    "SongUNet",
+    "UNetBlock",
+    "UNetDenoiser",
+    "downsample",
+    "group_norm",
+    "positional_embedding",
+    "upsample",
+]

@@ -1,0 +1,293 @@
+"""The training engine: `train(method, config, workdir)` runs a `Method` (see `method.py`).
+
+What the engine does, in order:
+
+1. Checks the engine config keys (`validate.py`), builds the data-parallel mesh over all
+   devices (`sharding.py`) and checks that `method.global_batch_size` splits over devices and
+   processes.
+2. Keys: `run_key = jax.random.key(config.seed)`; step `i` uses `fold_in(run_key, i)`, computed
+   inside jit. `method.init` gets `fold_in(run_key, 2**32 - 1)` and `method.evaluate` gets
+   `fold_in(run_key, 2**32 - 2)`: tags no step index reaches, so no key is used twice.
+3. Restores the newest readable checkpoint of `<workdir>/checkpoints` onto replicated shardings
+   (abstract tree from `jax.eval_shape`), or runs `method.init` under jit.
+4. Loops from the restored step to `config.train.num_steps`: `method.batches(start)` rows ->
+   global batch sharded on 'data' -> the guarded step (`state.py`), jitted with the state
+   donated and replicated `out_shardings`. Nothing is fetched to the host between log points:
+   every `log_every` steps (and at the last step) the report of the current window is fetched,
+   written to `metrics.jsonl`, logged, and checked for a run of non-finite steps.
+5. Saves a checkpoint every `checkpoint_every` steps and at the end. On SIGTERM/SIGINT it saves
+   at the current step and returns with `preempted=True` (no evaluation).
+6. Runs `method.evaluate` on every process, outside the mesh context, with a copy of the final
+   state on the process's first device (so eager code can mix it with local arrays), and
+   writes `eval.json`; a rerun of a finished run reuses an `eval.json` of the same step.
+
+Run directory (only process 0 writes the files; every process writes its checkpoint shards):
+
+    <workdir>/config.json             the resolved config of the latest start
+    <workdir>/metrics.jsonl           one JSON object a line: {"step": S, <metric means>, ...}
+    <workdir>/checkpoints/<S>/        orbax checkpoints (state + meta), newest keep_checkpoints
+    <workdir>/checkpoints/corrupt_<S>_<time>/   unreadable checkpoints, set aside
+    <workdir>/eval.json               {"step": S, <method.evaluate results>}
+    <workdir>/*.png ...               whatever method.evaluate writes
+
+A "step" in files and logs counts completed steps: the line and checkpoint labelled S come
+after steps 0..S-1. Rerunning the same command resumes from the latest checkpoint; the metrics
+lines and final state are then bit-identical to those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+
+from didistill.train import logging as run_logging
+from didistill.train import sharding
+from didistill.train.checkpoint import Checkpointer
+from didistill.train.errors import CheckpointError, NonFiniteError
+from didistill.train.method import Method
+from didistill.train.preemption import PreemptionWatcher
+from didistill.train.state import (
+    EngineState,
+    check_metrics,
+    init_state,
+    init_window,
+    make_train_step,
+    window_from_json,
+    window_to_json,
+)
+from didistill.train.validate import validate_config
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.json"
+CHECKPOINT_DIR = "checkpoints"
+INIT_KEY_TAG = 2**32 - 1
+EVAL_KEY_TAG = 2**32 - 2
+
+
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(run_key, init_key, eval_key) of a run (process-local arrays)."""
+    run_key = jax.random.key(seed)
+    return (
+        run_key,
+        jax.random.fold_in(run_key, INIT_KEY_TAG),
+        jax.random.fold_in(run_key, EVAL_KEY_TAG),
+    )
+
+
+def _init_fn(method: Method, seed: int):
+    """() -> EngineState; the keys are made inside, so that jit can place every output."""
+    return lambda: init_state(method.init(run_keys(seed)[1]))
+
+
+def _abstract_state(method: Method, seed: int, replicated):
+    return sharding.with_sharding(jax.eval_shape(_init_fn(method, seed)), replicated)
+
+
+def load_checkpoint(method: Method, config, workdir: str, step: int | None = None):
+    """(step, method_state) of a run's checkpoint (the latest if `step` is None), replicated
+    over all devices. For sampling or evaluating a trained model outside `train`."""
+    ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
+    if not os.path.isdir(ckpt_dir):
+        raise CheckpointError(f"no checkpoints in {workdir}: {ckpt_dir} does not exist")
+    mesh = sharding.make_mesh(config.mesh.data)
+    abstract = _abstract_state(method, config.seed, sharding.replicated(mesh))
+    with Checkpointer(ckpt_dir, config.train.keep_checkpoints) as c:
+        step = c.latest_step() if step is None else step
+        if step is None or step not in c.steps():
+            raise CheckpointError(f"no checkpoint {'' if step is None else step} in {c.directory}")
+        restored = c.restore(step, abstract)
+    return restored.step, restored.state.method_state
+
+
+class _Loop:
+    """The stepping part of `train`, split into small methods sharing the run's objects."""
+
+    def __init__(self, method, config, mesh, ckpt, writer, watcher):
+        self.method, self.tc = method, config.train
+        self.ckpt, self.writer, self.watcher = ckpt, writer, watcher
+        self.replicated = sharding.replicated(mesh)
+        self.batch_sharding = sharding.batch_sharding(mesh)
+        self.local_rows = sharding.check_batch(method.global_batch_size, mesh)
+        self.run_key = sharding.replicate(lambda: run_keys(config.seed)[0], self.replicated)
+        self.train_step = jax.jit(
+            make_train_step(method.step, self.tc.log_every),
+            donate_argnums=(0, 1),
+            out_shardings=self.replicated,
+        )
+        self.last_line = None
+
+    def run(self, state: EngineState, start: int, window_json) -> tuple[EngineState, int, bool]:
+        """Steps from `start` to num_steps; returns (state, step, preempted)."""
+        tc = self.tc
+        batches = iter(self.method.batches(start))
+        step, window, report = start, None, None
+        clock = (time.perf_counter(), start)
+        preempted = False
+        show = tc.progress and jax.process_index() == 0
+        with run_logging.progress_bar(tc.num_steps, start, show) as bar:
+            while step < tc.num_steps:
+                if self.watcher.requested(step):
+                    preempted = True
+                    break
+                batch = self._next_batch(batches, start, step)
+                if window is None:
+                    window = self._first_window(state, batch, window_json)
+                state, window, report = self.train_step(state, window, batch, self.run_key)
+                step += 1
+                bar.update(1)
+                if step % tc.log_every == 0 or step == tc.num_steps:
+                    clock = self._log(step, report, clock)
+                if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+                    self.save(state, step, window)
+        self.save(state, step, window, window_json)
+        return state, step, preempted
+
+    def _next_batch(self, batches, start: int, step: int):
+        try:
+            local = next(batches)
+        except StopIteration:
+            raise ValueError(
+                f"method.batches({start}) stopped after {step - start} batches; it must yield "
+                f"one batch per step up to config.train.num_steps={self.tc.num_steps}"
+            ) from None
+        return sharding.global_batch(local, self.batch_sharding, self.local_rows)
+
+    def _first_window(self, state: EngineState, batch, window_json):
+        """The log window: restored from the checkpoint if its metric names still match."""
+        _, metrics = jax.eval_shape(
+            self.method.step, state.method_state, batch, self.run_key, state.step
+        )
+        check_metrics(metrics)
+        names = sorted(metrics)
+        if window_json is not None and sorted(window_json["sums"]) == names:
+            return sharding.replicate(lambda: window_from_json(window_json), self.replicated)
+        if window_json is not None:
+            logger.warning("the method's metric names changed: starting a new log window")
+        return sharding.replicate(lambda: init_window(names), self.replicated)
+
+    def _log(self, step: int, report, clock):
+        values = run_logging.to_jsonable(jax.device_get(report))
+        now = time.perf_counter()
+        rate = (step - clock[1]) / max(now - clock[0], 1e-9)
+        self.writer.write(step, values)
+        self.last_line = {"step": step, **values}
+        logger.info(
+            "step %d/%d | %s | %.3g steps/s",
+            step,
+            self.tc.num_steps,
+            run_logging.format_metrics(values),
+            rate,
+        )
+        self._check_nonfinite(values["nonfinite_consecutive"], step)
+        return now, step
+
+    def _check_nonfinite(self, consecutive: int, step: int) -> None:
+        limit = self.tc.max_nonfinite_steps
+        if consecutive < limit:
+            return
+        self.ckpt.wait()
+        last_good = self.ckpt.latest_step()
+        where = (
+            f"its last checkpoint, step {last_good} in {self.ckpt.directory}, is kept"
+            if last_good is not None
+            else "no checkpoint was saved"
+        )
+        raise NonFiniteError(
+            f"training stopped at step {step}: the last {consecutive} steps (indices "
+            f"{step - consecutive}..{step - 1}) gave NaN/inf metrics or parameters and were "
+            f"skipped (config.train.max_nonfinite_steps={limit}); {where}. What to do: lower the "
+            "learning rate, clip gradients (optimizer grad_clip_norm), or check the data and "
+            "teacher; then rerun the same command to resume from the checkpoint (or raise "
+            "--config.train.max_nonfinite_steps)."
+        )
+
+    def save(self, state: EngineState, step: int, window, window_json=None) -> None:
+        """Checkpoint at `step` (unless saved already), refusing during a non-finite streak."""
+        if step in self.ckpt.steps():
+            return
+        self._check_nonfinite(int(jax.device_get(state.nonfinite_consecutive)), step)
+        window_json = window_to_json(window) if window is not None else window_json
+        self.ckpt.save(step, state, {"window": window_json})
+        logger.info("saving checkpoint at step %d", step)
+
+
+def _write_config(config, workdir: str) -> None:
+    resolved = json.loads(config.to_json_best_effort(sort_keys=True))
+    run_logging.write_json(os.path.join(workdir, CONFIG_FILE), resolved)
+
+
+def _evaluate(method: Method, state, step: int, eval_key, workdir: str, is_main: bool):
+    eval_path = os.path.join(workdir, EVAL_FILE)
+    if os.path.exists(eval_path):
+        previous = run_logging.read_json(eval_path)
+        if previous.get("step") == step:
+            logger.info("eval.json already holds step %d: not evaluating again", step)
+            return {k: v for k, v in previous.items() if k != "step"}
+    logger.info("evaluating at step %d", step)
+    local_state = sharding.local_copy(state)  # eager code may mix it with local arrays
+    results = run_logging.to_jsonable(dict(method.evaluate(local_state, eval_key, workdir)))
+    if is_main:
+        run_logging.write_json(eval_path, {**results, "step": step})
+    logger.info("eval | %s", run_logging.format_metrics(results))
+    return results
+
+
+def train(method: Method, config, workdir: str) -> dict[str, Any]:
+    """Trains `method` as `config.train` says, in `workdir`; resumes if it holds checkpoints.
+
+    Returns {"step": steps done, "preempted": bool, "metrics": the last metrics line (or None),
+    "eval": method.evaluate results (None if preempted), "state": the final method state}.
+    Raises ConfigError for bad engine keys, CheckpointError if the checkpoints belong to another
+    config, NonFiniteError after max_nonfinite_steps consecutive non-finite steps.
+    """
+    validate_config(config, jax.device_count(), jax.process_count())
+    mesh = sharding.make_mesh(config.mesh.data)
+    sharding.check_batch(method.global_batch_size, mesh)
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    if is_main:
+        _write_config(config, workdir)
+    eval_key = run_keys(config.seed)[2]
+    replicated = sharding.replicated(mesh)
+    ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
+
+    with jax.set_mesh(mesh), Checkpointer(ckpt_dir, config.train.keep_checkpoints) as ckpt:
+        restored = ckpt.restore_latest(_abstract_state(method, config.seed, replicated))
+        if restored is None:
+            logger.info("new run in %s (%d devices)", workdir, jax.device_count())
+            state = sharding.replicate(_init_fn(method, config.seed), replicated)
+            start, window_json = 0, None
+        else:
+            logger.info("resuming from the checkpoint at step %d", restored.step)
+            if restored.step > config.train.num_steps:
+                logger.warning(
+                    "the checkpoint is past config.train.num_steps=%d: nothing to train",
+                    config.train.num_steps,
+                )
+            state, start, window_json = restored.state, restored.step, restored.meta.get("window")
+        writer = run_logging.MetricsWriter(os.path.join(workdir, METRICS_FILE), start, is_main)
+        try:
+            with PreemptionWatcher() as watcher:  # also covers the wait for the last save
+                loop = _Loop(method, config, mesh, ckpt, writer, watcher)
+                state, step, preempted = loop.run(state, start, window_json)
+                ckpt.wait()
+        finally:
+            writer.close()
+    result = {"step": step, "preempted": preempted, "metrics": loop.last_line, "eval": None}
+    if preempted:
+        logger.warning("stopped at step %d on request; rerun the same command to resume", step)
+    else:  # outside the mesh context: evaluate's eager code runs on this process's devices
+        result["eval"] = _evaluate(method, state.method_state, step, eval_key, workdir, is_main)
+    result["state"] = state.method_state
+    return result
+
+
+__all__ = ["load_checkpoint", "run_keys", "train"]
