@@ -1,10 +1,15 @@
 """EDM teacher on an analytic 2-D toy (method 'edm_teacher', didistill/distill/teacher.py).
 
-    --config=configs/toy_teacher.py:ring8          full run (a few thousand steps, CPU seconds)
+    --config=configs/toy_teacher.py:ring8          full run (3000 steps, ~1-2 CPU minutes)
     --config=configs/toy_teacher.py:ring8,smoke    tiny network and run, for tests
     toys: ring8 | grid25 | moons  (see didistill/data/toy.py)
 
 sigma_data is the exact root-mean-square per-coordinate std of the toy, sqrt(mean_j Var[x_j]).
+With ema_warmup the EMA decay at step t is min(ema_decay, (1 + t) / (10 + t)), which stays
+below 0.999 until step ~9000: in the default 3000-step run the warm-up sets the average.
+Default ring8 run: about 40 steps/s on 2 shared CPU cores (~75 s of training). Its 35-NFE Heun
+samples match the exact denoiser's in energy distance and mode TV, with about 1% of samples
+between modes (exact denoiser: 0.25%); see eval.json and samples.png of a run.
 The run writes samples.png, eval.json and teacher_params.msgpack into the workdir.
 """
 

@@ -16,14 +16,7 @@ import sys
 
 import numpy as np
 
-DEFAULT_METHODS = (
-    "dmd2",
-    "forward_kl",
-    "jensen_shannon",
-    "squared_hellinger",
-    "uni_instruct,forward_kl",
-    "sid",
-)
+DEFAULT_METHODS = ("dmd2", "forward_kl", "jensen_shannon", "uni_instruct,forward_kl")
 COLUMNS = (
     ("energy_distance", "energy dist. ↓"),
     ("mode_coverage", "mode coverage ↑"),
@@ -63,7 +56,7 @@ def run(workdir: str, entries, quick: bool) -> str:
         config = _config(entry, quick)
         run_dir = os.path.join(workdir, entry.replace(",", "_"))
         print(f"\n== {entry}: {config.method} / {config.distill.divergence} -> {run_dir}")
-        results[entry] = train(get_method(config), config, run_dir)
+        results[entry] = train(get_method(config), config, run_dir)["eval"]
         samples[entry] = np.load(os.path.join(run_dir, "student_samples.npy"))
         if "teacher" not in samples:
             samples["teacher"] = np.load(os.path.join(run_dir, "teacher_samples.npy"))

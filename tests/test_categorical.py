@@ -206,6 +206,9 @@ class TestSymmetryLimitsAndBounds:
         np.testing.assert_allclose(gjsd(1.0), reverse, rtol=1e-12)  # KL(student || teacher)
         np.testing.assert_allclose(gjsd(1e-6), forward, rtol=1e-5)
         np.testing.assert_allclose(gjsd(1 - 1e-6), reverse, rtol=1e-5)
+        for beta, limit in [(1e-6, forward), (1 - 1e-6, reverse)]:  # also in float32
+            near = categorical("generalized_jsd", p_logits, q_logits, beta=beta)
+            np.testing.assert_allclose(near, limit, rtol=1e-4)
         p, q = probs(p_logits), probs(q_logits)
         for beta in (0.1, 0.5, 0.9):  # JSD_beta <= binary entropy of beta
             raw = gjsd(beta) * beta * (1 - beta)

@@ -128,7 +128,11 @@ class TestTeacherFile:
 
 @pytest.mark.parametrize(
     "key,value,match",
-    [("ema_decay", 1.5, "ema_decay"), ("eval.nfe", 34, "odd NFE"), ("data.toy", "x", "unknown toy")],
+    [
+        ("ema_decay", 1.5, "ema_decay"),
+        ("eval.nfe", 34, "odd NFE"),
+        ("data.toy", "x", "unknown toy"),
+    ],
 )
 def test_bad_method_config(key, value, match):
     config = toy_teacher.get_config("ring8,smoke")

@@ -10,8 +10,9 @@ Datasets (`load_images(name, ...)` names):
 - 'digits': scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes, pixel
   values 0..16; Alpaydin & Kaynak, UCI "Optical Recognition of Handwritten Digits"). It ships
   with scikit-learn, so it is prepared locally by the `Digits8x8` builder: `load_images`
-  prepares it automatically into `data_dir/digits8x8/1.0.0` the first time (about a second,
-  nothing downloaded), or call `prepare_digits(data_dir)` yourself. Scaling: x / 8 - 1.
+  prepares it automatically into `data_dir/digits8x8/1.0.0` the first time (a few seconds,
+  nothing downloaded), or call `prepare_digits(data_dir)` yourself (do that once before a
+  multi-host run whose hosts share `data_dir`). Scaling: x / 8 - 1.
   Fixed split, stored in the prepared dataset: per class, a `np.random.RandomState(0)`
   permutation (a frozen legacy stream, identical on every NumPy) puts the first t_c images in
   'test', with t_c the largest-remainder apportionment of 297 test images over the classes
@@ -79,7 +80,10 @@ def digits_split_indices() -> tuple[np.ndarray, np.ndarray]:
     order = np.argsort(-(quota - num_test), kind="stable")
     num_test[order[: DIGITS_NUM_TEST - num_test.sum()]] += 1
     rng = np.random.RandomState(DIGITS_SPLIT_SEED)
-    test = [rng.permutation(np.flatnonzero(target == c))[:t] for c, t in zip(classes, num_test)]
+    test = [
+        rng.permutation(np.flatnonzero(target == c))[:t]
+        for c, t in zip(classes, num_test, strict=True)
+    ]
     test = np.sort(np.concatenate(test))
     train = np.setdiff1d(np.arange(target.shape[0]), test)
     return train, test
@@ -194,7 +198,6 @@ class ImageSource:
                 f"resolution {resolution} must be a multiple or a divisor of {name}'s native "
                 f"size {h}"
             )
-        self._native = h
         size = h if resolution is None else int(resolution)
         self.image_shape = (size, size * w // h, c)
 
@@ -206,7 +209,7 @@ class ImageSource:
         examples = self._source.__getitems__([int(i) for i in indices])
         raw = np.stack([np.asarray(ex["image"]) for ex in examples])  # [B, h, w, C]
         labels = np.asarray([ex["label"] for ex in examples], np.int32)  # [B]
-        image = raw.astype(np.float32) * (2.0 / self._max_value) - 1.0
+        image = raw.astype(np.float32) / np.float32(self._max_value / 2) - 1.0  # exact at ends
         return {"image": _resize(image, self.image_shape[0]), "label": labels}
 
     def to_arrays(self, max_examples: int | None = None) -> dict[str, np.ndarray]:
@@ -230,9 +233,7 @@ def _resize(image: np.ndarray, size: int) -> np.ndarray:
     return image
 
 
-def load_images(
-    name: str, split: str, data_dir: str, resolution: int | None = None
-) -> ImageSource:
+def load_images(name: str, split: str, data_dir: str, resolution: int | None = None) -> ImageSource:
     """Opens one split of a prepared image dataset, without TensorFlow and offline.
 
     Args:
@@ -263,7 +264,7 @@ def load_images(
     if version_dir is None:
         raise DatasetNotPreparedError(
             f"{tfds_name} is not prepared under data_dir={data_dir} (no "
-            f"{os.path.join(data_dir, tfds_name, 'VERSION', 'dataset_info.json')}). "
+            f"{os.path.join(data_dir, tfds_name, '<version>', 'dataset_info.json')}). "
             + _prepare_hint(tfds_name, data_dir)
         )
     builder = tfds.builder_from_directory(version_dir)

@@ -220,13 +220,17 @@ def step_log_probs(log_probs: jax.Array, xt: jax.Array, mask_prob_t, mask_prob_s
     return jnp.where((xt == mask_id)[..., None], masked_row, log_probs)
 
 
-def sample_categorical(key, log_probs: jax.Array, dtype=jnp.float32) -> jax.Array:
-    """Gumbel-max draw from Cat(softmax(log_probs)) over the last axis, in `dtype`, int32."""
+def _check_dtype(dtype) -> None:
     if jnp.dtype(dtype) == jnp.float64 and not jax.config.jax_enable_x64:
         raise ValueError(
             "float64 sampling needs x64 mode: call the sampler inside `with "
             "jax.enable_x64(True):` (or set JAX_ENABLE_X64=1), or use dtype=jnp.float32."
         )
+
+
+def sample_categorical(key, log_probs: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """Gumbel-max draw from Cat(softmax(log_probs)) over the last axis, in `dtype`, int32."""
+    _check_dtype(dtype)
     gumbel = jax.random.gumbel(key, log_probs.shape, dtype)
     return jnp.argmax(log_probs.astype(dtype) + gumbel, axis=-1).astype(jnp.int32)
 
@@ -235,6 +239,7 @@ def ancestral_step(
     key, log_probs: jax.Array, xt: jax.Array, t, s, schedule: Schedule, dtype=jnp.float32
 ) -> jax.Array:
     """One reverse step z_t -> z_s ~ q(. | z_t) (see `step_log_probs`), int32 [B, L]."""
+    _check_dtype(dtype)
     log_probs = log_probs.astype(dtype)
     logq = step_log_probs(log_probs, xt, schedule.mask_prob(t), schedule.mask_prob(s))
     return sample_categorical(key, logq, dtype)
@@ -285,6 +290,7 @@ def ancestral_sample(
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    _check_dtype(dtype)
     ts = time_grid(num_steps)
     batch = x_init.shape[0]
     x_init = x_init.astype(jnp.int32)

@@ -71,15 +71,6 @@ def _weighted(log_w, d):
     return jnp.where(zero, 0.0, jnp.exp(log_w) * jnp.where(zero, 0.0, d))
 
 
-def _log_mix(a, b, w: float):
-    """log(w e^a + (1 - w) e^b) for a Python weight w in [0, 1]."""
-    if w == 0.0:
-        return b
-    if w == 1.0:
-        return a
-    return jnp.logaddexp(a + math.log(w), b + math.log1p(-w))
-
-
 def _kl(a, b, axis):
     """KL(e^a || e^b) = sum e^a (a - b)."""
     return jnp.sum(_weighted(a, a - b), axis=axis)
@@ -144,26 +135,33 @@ def _alpha_beta(a, b, axis, alpha: float, beta: float):
     return jnp.sum(jnp.where(both_zero, 0.0, term), axis=axis)
 
 
+def _kl_to_mixture(lx, ly, w: float, axis):
+    """KL(x || w x + (1-w) y) = sum x * -log(w + (1-w) y/x), from log x, log y.
+
+    Written through the ratio y/x, so that for w near 0 or 1 the result keeps its relative
+    accuracy (no difference of two nearly equal logs); w = 0 is KL(x || y), w = 1 is 0."""
+    both_zero = (lx == -jnp.inf) & (ly == -jnp.inf)
+    d = jnp.where(both_zero, 0.0, ly) - jnp.where(both_zero, 0.0, lx)  # log(y/x)
+    log_w = math.log(w) if w > 0 else -jnp.inf
+    log_1mw = math.log1p(-w) if w < 1 else -jnp.inf
+    return jnp.sum(_weighted(lx, -jnp.logaddexp(log_w, log_1mw + d)), axis=axis)
+
+
 def _kd(name: str, a, b, axis, params: dict):
+    if name == "skew_kl":  # KL(p || alpha p + (1 - alpha) q)
+        return _kl_to_mixture(a, b, params["alpha"], axis)
+    if name == "skew_reverse_kl":  # KL(q || alpha q + (1 - alpha) p)
+        return _kl_to_mixture(b, a, params["alpha"], axis)
     if name == "alpha_beta":
         return _alpha_beta(a, b, axis, params["alpha"], params["beta"])
-    both_zero = (a == -jnp.inf) & (b == -jnp.inf)
-    a_s, b_s = jnp.where(both_zero, 0.0, a), jnp.where(both_zero, 0.0, b)
-
-    def mix(x, y, w):  # log(w e^x + (1-w) e^y), -inf where both are; finite gradients
-        return jnp.where(both_zero, -jnp.inf, _log_mix(x, y, w))
-
-    if name == "skew_kl":
-        return _kl(a, mix(a_s, b_s, params["alpha"]), axis)
-    if name == "skew_reverse_kl":
-        return _kl(b, mix(b_s, a_s, params["alpha"]), axis)
-    beta = params["beta"]  # generalized_jsd
+    beta = params["beta"]  # generalized_jsd, M = beta p + (1 - beta) q
     if beta == 0.0:
         return _kl(a, b, axis)
     if beta == 1.0:
         return _kl(b, a, axis)
-    m = mix(a_s, b_s, beta)
-    return _kl(a, m, axis) / (1.0 - beta) + _kl(b, m, axis) / beta
+    kl_p_m = _kl_to_mixture(a, b, beta, axis)
+    kl_q_m = _kl_to_mixture(b, a, 1.0 - beta, axis)
+    return kl_p_m / (1.0 - beta) + kl_q_m / beta
 
 
 def _kd_params(name: str, params: dict) -> dict:
@@ -196,32 +194,28 @@ def _as_float(x):
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def categorical_from_log_probs(divergence: FDivergence | str, log_p, log_q, axis=-1, **params):
+def categorical_from_log_probs(name: FDivergence | str, log_p, log_q, axis=-1, **params):
     """Like `categorical`, from normalised log-probabilities (each logsumexp over axis is 0).
 
     Args:
-      divergence: a name from `categorical_names()` or an FDivergence.
+      name: a name from `categorical_names()` or an FDivergence.
       log_p: [..., V, ...] teacher log-probabilities; log_q: the student's, same shape.
     Returns:
       the divergence, reduced over `axis`.
     """
     a, b = _as_float(log_p), _as_float(log_q)
-    if isinstance(divergence, str) and divergence in KD_NAMES:
-        return _kd(divergence, a, b, axis, _kd_params(divergence, params))
-    if isinstance(divergence, str) and divergence not in names():
-        raise ValueError(
-            f"unknown divergence {divergence!r}; valid: {', '.join(categorical_names())}"
-        )
-    return _f_divergence(resolve(divergence, **params), a, b, axis)
+    if isinstance(name, str) and name in KD_NAMES:
+        return _kd(name, a, b, axis, _kd_params(name, params))
+    if isinstance(name, str) and name not in names():
+        raise ValueError(f"unknown divergence {name!r}; valid: {', '.join(categorical_names())}")
+    return _f_divergence(resolve(name, **params), a, b, axis)
 
 
-def categorical(
-    divergence: FDivergence | str, p_logits, q_logits, axis=-1, temperature=1.0, **params
-):
+def categorical(name: FDivergence | str, p_logits, q_logits, axis=-1, temperature=1.0, **params):
     """Exact divergence between softmax(p_logits / T) (teacher) and softmax(q_logits / T).
 
     Args:
-      divergence: a name from `categorical_names()` (f-divergences and the KD losses
+      name: a name from `categorical_names()` (f-divergences and the KD losses
         skew_kl, skew_reverse_kl, generalized_jsd, alpha_beta) or an FDivergence.
       p_logits: [..., V, ...] teacher logits; q_logits: student logits, same shape. Entries
         of -inf are allowed (masked vocabulary); bf16 inputs are computed in float32.
@@ -235,7 +229,7 @@ def categorical(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     log_p = jax.nn.log_softmax(_as_float(p_logits) / temperature, axis=axis)
     log_q = jax.nn.log_softmax(_as_float(q_logits) / temperature, axis=axis)
-    return categorical_from_log_probs(divergence, log_p, log_q, axis=axis, **params)
+    return categorical_from_log_probs(name, log_p, log_q, axis=axis, **params)
 
 
 __all__ = ["KD_NAMES", "categorical", "categorical_from_log_probs", "categorical_names"]

@@ -23,12 +23,27 @@ The weight h is the f-distill weight (Xu, Nie, Vahdat 2025, arXiv 2502.15681): f
 generator x = G_theta(z), grad_theta D_f(p || q_theta) = E_z[h(r) (s_q - s_p)(x) dx/dtheta]
 with s = grad_x log density, so the generator moves samples along h (s_p - s_q).
 
-The conjugate f*(t) = sup_u {t u - f(u)} and the activation g (mapping R into dom f*) give the
-f-GAN bound D_f(p || q) >= E_p[g(V)] - E_q[f*(g(V))] (Nowozin, Cseke, Tomioka 2016, Table 2),
-with equality for g(V) = f'(p/q). The activations are f-GAN's, carried over to this project's
-constants with (c f)*(t) = c f*(t/c) and (f + c (u-1))*(t) = f*(t - c); softened_reverse_kl
-is not in f-GAN and uses g(v) = f'(e^v), whose optimal critic is V = log r. Each generator
-also provides `conjugate_activation(v) = f*(g(v))` in a closed, stable form.
+The conjugate f*(t) = sup_{u >= 0} {t u - f(u)} and the activation g (mapping R into dom f*)
+give the f-GAN bound D_f(p || q) >= E_p[g(V)] - E_q[f*(g(V))] (Nowozin, Cseke, Tomioka 2016),
+with equality for g(V) = f'(p/q), i.e. at the optimal critic V* below. f-GAN's activations
+are carried over to this project's constants with (c f)*(t) = c f*(t/c) and
+(f + c (u-1))*(t) = f*(t - c). Derivations are in the docstrings of the helpers below.
+
+    name                 f*(t)                            dom f*          V*(r)
+    reverse_kl           -1 - log(-t)                     t < 0           log r
+    forward_kl           exp(t - 1)                       R               1 + log r
+    jensen_shannon       -log(2 - exp(2t))/2              t < log(2)/2    log r
+    squared_hellinger    -1 - 1/(4t)                      t < 0           log(r)/2
+    jeffreys             W + 1/W + t - 2, W = W(e^(1-t))  R               f'(r)
+    pearson_chi2         t + t^2/4 (t >= -2), -1 below    R               2(r - 1)
+    neyman_chi2          2 - 2 sqrt(1 - t)                t <= 1          2 log r
+    total_variation      max(t, -1/2)                     t <= 1/2        +-inf (sign of r-1)
+    softened_reverse_kl  -1 - t - a, a - log1p(a) = -t-log 2  t <= -log 2     log r
+    alpha                ((1+(a-1)t)^(a/(a-1)) - 1)/a     1+(a-1)t > 0    g^-1(f'(r))
+                         (a > 1: -1/a where 1+(a-1)t <= 0, so dom f* = R)
+
+Each generator also provides `conjugate_activation(v) = f*(g(v))` in a closed, stable form
+(e.g. (softplus(v) - log 2)/2 for jensen_shannon), used by the variational bound.
 
 Overflow: beyond float32 range the exact value is returned as +-inf (e.g. pearson_chi2 at
 log_r = 50 is e^100); never NaN for finite inputs. Gradients are finite wherever the value
@@ -68,16 +83,16 @@ def _outside(mask, t, safe_value, fn, outside_value=jnp.inf):
     return jnp.where(mask, fn(jnp.where(mask, t, safe_value)), outside_value)
 
 
-# ---- reverse_kl: f = -log r. f*(t) = sup t u + log u = -1 - log(-t) at u = -1/t, t < 0.
 def _rkl_conjugate(t):
+    """reverse_kl: f = -log r. f*(t) = sup t u + log u = -1 - log(-t) at u = -1/t, t < 0."""
     return _outside(t < 0, t, -1.0, lambda s: -1.0 - jnp.log(-s))
 
 
-# ---- jensen_shannon: f = [r log r - (r+1) log((r+1)/2)]/2 = -[r L(-l) + L(l)]/2 with
-# L(x) = log((1+e^x)/2). With f2 = 2f ("JS x2", f-GAN), f2*(t) = -log(2 - e^t) on t < log 2,
-# so f*(t) = f2*(2t)/2 = -log(2 - e^(2t))/2 on t < log(2)/2 and g = g2/2. f*(g(v)) simplifies
-# to (softplus(v) - log 2)/2; the optimal critic is V = log r.
 def _js_f(l):
+    """jensen_shannon: f = [r log r - (r+1) log((r+1)/2)]/2 = -[r L(-l) + L(l)]/2 with
+    L(x) = log((1+e^x)/2). With f2 = 2f ("JS x2", f-GAN), f2*(t) = -log(2 - e^t) on t < log 2,
+    so f*(t) = f2*(2t)/2 = -log(2 - e^(2t))/2 on t < log(2)/2 and g = g2/2. f*(g(v)) simplifies
+    to (softplus(v) - log 2)/2; the optimal critic is V = log r."""
     return -0.5 * (jnp.exp(l) * _log_half_one_plus_exp(-l) + _log_half_one_plus_exp(l))
 
 
@@ -86,18 +101,18 @@ def _js_conjugate(t):
     return _outside(t < 0.5 * LOG2, t, 0.0, fn)
 
 
-# ---- squared_hellinger: f = 1 - sqrt(u). For t < 0 the sup is at sqrt(u) = -1/(2t), giving
-# f*(t) = -1 - 1/(4t); t >= 0 is +inf. f-GAN's (sqrt(u)-1)^2 = 2 f + (u - 1) with activation
-# 1 - e^(-v) maps to g(v) = -e^(-v)/2 here, f*(g(v)) = e^v/2 - 1; optimal V = log(r)/2.
 def _hellinger_conjugate(t):
+    """squared_hellinger: f = 1 - sqrt(u). For t < 0 the sup is at sqrt(u) = -1/(2t), giving
+    f*(t) = -1 - 1/(4t); t >= 0 is +inf. f-GAN's (sqrt(u)-1)^2 = 2 f + (u - 1) with activation
+    1 - e^(-v) maps to g(v) = -e^(-v)/2 here, f*(g(v)) = e^v/2 - 1; optimal V = log(r)/2."""
     return _outside(t < 0, t, -1.0, lambda s: -1.0 - 0.25 / s)
 
 
-# ---- jeffreys: f = (u-1) log u. Stationarity t = log u + 1 - 1/u; with w = 1/u this is
-# log w + w = 1 - t, i.e. w = W(e^(1-t)) (Lambert W), and f*(t) = w + 1/w + t - 2 on all of R.
-# Solved for log w by Newton on ell + e^ell = 1 - t (convex, increasing; the start lies right
-# of the root, so the iterates decrease monotonically to it).
 def _jeffreys_conjugate(t):
+    """jeffreys: f = (u-1) log u. Stationarity t = log u + 1 - 1/u; with w = 1/u this is
+    log w + w = 1 - t, i.e. w = W(e^(1-t)) (Lambert W), and f*(t) = w + 1/w + t - 2 on all of R.
+    Solved for log w by Newton on ell + e^ell = 1 - t (convex, increasing; the start lies right
+    of the root, so the iterates decrease monotonically to it)."""
     z = 1.0 - t
     ell = jnp.where(z > 1.0, jnp.log(jnp.maximum(z, 1.0)), z)
     for _ in range(_NEWTON_STEPS):
@@ -106,31 +121,32 @@ def _jeffreys_conjugate(t):
     return jnp.exp(ell) + jnp.exp(-ell) + t - 2.0
 
 
-# ---- pearson_chi2: f = (u-1)^2 on u >= 0: sup at u = 1 + t/2 if t >= -2 (t + t^2/4),
-# else at u = 0 (-1).
 def _pearson_conjugate(t):
+    """pearson_chi2: f = (u-1)^2 on u >= 0: sup at u = 1 + t/2 if t >= -2 (t + t^2/4),
+    else at u = 0 (-1)."""
     return jnp.where(t >= -2.0, t + 0.25 * t * t, -1.0)
 
 
-# ---- neyman_chi2: f = (1-u)^2/u = u - 2 + 1/u. For t < 1 the sup is at u = (1-t)^(-1/2):
-# f*(t) = 2 - 2 sqrt(1-t) (also the limit 2 at t = 1); +inf for t > 1. f*(g(v)) = 2-2e^(-v/2);
-# optimal V = 2 log r.
 def _neyman_conjugate(t):
+    """neyman_chi2: f = (1-u)^2/u = u - 2 + 1/u. For t < 1 the sup is at u = (1-t)^(-1/2):
+    f*(t) = 2 - 2 sqrt(1-t) (also the limit 2 at t = 1); +inf for t > 1. f*(g(v)) = 2-2e^(-v/2);
+    optimal V = 2 log r."""
     return _outside(t <= 1.0, t, 0.0, lambda s: 2.0 - 2.0 * jnp.sqrt(1.0 - s))
 
 
-# ---- total_variation: f = |u-1|/2 on u >= 0: f*(t) = t on |t| <= 1/2, +inf for t > 1/2 and
-# -1/2 = -f(0) for t < -1/2 (the sup sits at u = 0; f-GAN's "|t| <= 1/2" assumes u in R).
 def _tv_conjugate(t):
+    """total_variation: f = |u-1|/2 on u >= 0: f*(t) = t on |t| <= 1/2, +inf for t > 1/2 and
+    -1/2 = -f(0) for t < -1/2 (the sup sits at u = 0; f-GAN's "|t| <= 1/2" assumes u in R)."""
     return jnp.where(t <= 0.5, jnp.maximum(t, -0.5), jnp.inf)
 
 
-# ---- softened_reverse_kl: f = (u+1) log((u+1)/(2u)) = (1+r) L(-l), f' = L(-l) - 1/r.
-# With a = 1/u stationarity reads a - log(1+a) = -(t + log 2) =: k >= 0 and then
-# f*(t) = -1 - t - a (t = -log 2 gives a = 0, the limit u -> inf); t > -log 2 is +inf.
-# a is found by Newton (convex increasing in a; the start k + sqrt(2k) lies right of the
-# root). With g(v) = f'(e^v), Fenchel-Young gives f*(g(v)) = e^v f'(e^v) - f(e^v) = -1 - L(-v).
 def _srkl_conjugate(t):
+    """softened_reverse_kl: f = (u+1) log((u+1)/(2u)) = (1+r) L(-l), f' = L(-l) - 1/r.
+    With a = 1/u stationarity reads a - log(1+a) = -(t + log 2) =: k >= 0 and then
+    f*(t) = -1 - t - a (t = -log 2 gives a = 0, the limit u -> inf); t > -log 2 is +inf.
+    a is found by Newton (convex increasing in a; the start k + sqrt(2k) lies right of the
+    root). With g(v) = f'(e^v), Fenchel-Young gives f*(g(v)) = e^v f'(e^v) - f(e^v) = -1 - L(-v)."""
+
     def solve(s):
         k = -(s + LOG2)
         a = k + jnp.sqrt(2.0 * k)
@@ -141,14 +157,14 @@ def _srkl_conjugate(t):
     return _outside(t <= -LOG2, t, -1.0, solve)
 
 
-# ---- alpha: f = (r^a - 1 - a(r-1))/(a(a-1)) = sum_i c_i e^(k_i l), k in {a, 0, 1}. Each side
-# of l = 0 factors out its dominant exponential so that every expm1 argument is <= 0: no
-# overflow before the value itself overflows, no cancellation near l = 0 beyond the O(l) one.
-# Conjugate: u* = y^(1/(a-1)) with y = 1 + (a-1) t > 0 gives f*(t) = (y^(a/(a-1)) - 1)/a.
-# a > 1: dom f* = R, f*(t) = -1/a where y <= 0 (u* = 0). a < 0: y = 0 gives -1/a, y < 0 inf.
-# 0 < a < 1: y <= 0 is +inf. f-GAN activation: a < 1: 1/(1-a) - softplus(-v), for which
-# y = (1-a) softplus(-v); a > 1: v.
 def _alpha_f(l, alpha):
+    """alpha: f = (r^a - 1 - a(r-1))/(a(a-1)) = sum_i c_i e^(k_i l), k in {a, 0, 1}. Each side
+    of l = 0 factors out its dominant exponential so that every expm1 argument is <= 0: no
+    overflow before the value itself overflows, no cancellation near l = 0 beyond the O(l) one.
+    Conjugate: u* = y^(1/(a-1)) with y = 1 + (a-1) t > 0 gives f*(t) = (y^(a/(a-1)) - 1)/a.
+    a > 1: dom f* = R, f*(t) = -1/a where y <= 0 (u* = 0). a < 0: y = 0 gives -1/a, y < 0 inf.
+    0 < a < 1: y <= 0 is +inf. f-GAN activation: a < 1: 1/(1-a) - softplus(-v), for which
+    y = (1-a) softplus(-v); a > 1: v."""
     a, c = alpha, alpha * (alpha - 1.0)
     ln, lp = jnp.where(l < 0, l, 0.0), jnp.where(l < 0, 0.0, l)
 

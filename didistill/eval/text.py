@@ -104,9 +104,7 @@ def heldout_nelbo(
     low-discrepancy (t, mask) draws. Returns {'nelbo_per_token', 'ppl_bound'}: an upper bound
     (up to the O(eps) of the schedule) on the per-token NLL, so ppl_bound = exp(nelbo).
     """
-    estimate = jax.jit(
-        lambda k, x: masked.nelbo(logits_fn, k, x, schedule, mask_id, t_min=t_min)
-    )
+    estimate = jax.jit(lambda k, x: masked.nelbo(logits_fn, k, x, schedule, mask_id, t_min=t_min))
     total, count = 0.0, 0
     for i, tokens in enumerate(batches):
         tokens = jnp.asarray(tokens, jnp.int32)

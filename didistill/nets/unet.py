@@ -33,6 +33,7 @@ D(x; sigma) = c_skip x + c_out F(c_in x; ln(sigma) / 4).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -71,7 +72,9 @@ def group_norm(channels: int, name: str, dtype=jnp.float32) -> nn.GroupNorm:
 
 
 def conv(features: int, kernel: int, name: str, init=XAVIER, dtype=jnp.float32) -> nn.Conv:
-    return nn.Conv(features, (kernel, kernel), padding="SAME", kernel_init=init, dtype=dtype, name=name)
+    return nn.Conv(
+        features, (kernel, kernel), padding="SAME", kernel_init=init, dtype=dtype, name=name
+    )
 
 
 def downsample(x: jax.Array) -> jax.Array:
@@ -122,10 +125,11 @@ class UNetBlock(nn.Module):
 
 
 class SongUNet(nn.Module):
-    """The raw DDPM++ network F(x_in [B, H, W, C], c_noise [B], y [B, L]) -> [B, H, W, C].
+    """The raw DDPM++ network F: (x_in [B, H, W, C], c_noise [B], y [B, L]) -> (F, feats).
 
-    See the module docstring; attributes follow EDM's SongUNet (ddpmpp flavour).
-    `features=True` also returns {resolution: last encoder output at it, [B, r, r, C_r]}.
+    F is [B, H, W, C] (float32); feats = {resolution r: last encoder output at r,
+    [B, r, r, C_r]}. See the module docstring; attributes follow EDM's SongUNet (ddpmpp).
+    `class_labels` are one-hot (or soft) [B, label_dim]; `augment_labels` [B, augment_dim].
     """
 
     model_channels: int = 128
@@ -190,24 +194,19 @@ class _Encoder(nn.Module):
     @nn.compact
     def __call__(self, x, emb, train):
         # -> skips: every block output (EDM order), feats {res: last output at res}
+        block = functools.partial(UNetBlock, dropout=self.dropout, dtype=self.dtype)
         res0, skips, feats = x.shape[1], [], {}
         for level, mult in enumerate(self.channel_mult):
             res = res0 >> level
             if level == 0:
                 x = conv(self.model_channels, 3, f"{res}x{res}_conv", dtype=self.dtype)(x)
             else:
-                block = UNetBlock(
-                    x.shape[-1], down=True, dropout=self.dropout, dtype=self.dtype,
-                    name=f"{res}x{res}_down",
-                )  # fmt: skip
-                x = block(x, emb, train)
+                x = block(x.shape[-1], down=True, name=f"{res}x{res}_down")(x, emb, train)
             skips.append(x)
             for idx in range(self.num_blocks):
-                block = UNetBlock(
-                    self.model_channels * mult, attention=res in self.attn_resolutions,
-                    dropout=self.dropout, dtype=self.dtype, name=f"{res}x{res}_block{idx}",
-                )  # fmt: skip
-                x = block(x, emb, train)
+                attn = res in self.attn_resolutions
+                name = f"{res}x{res}_block{idx}"
+                x = block(self.model_channels * mult, attention=attn, name=name)(x, emb, train)
                 skips.append(x)
             feats[res] = x  # [B, res, res, C_level]
         return skips, feats
@@ -224,28 +223,23 @@ class _Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, skips, emb, train):
+        block = functools.partial(UNetBlock, dropout=self.dropout, dtype=self.dtype)
         skips = list(skips)
-        x = skips[-1]
-        res0 = skips[0].shape[1]
-        dt, levels = self.dtype, len(self.channel_mult)
+        x, res0, levels = skips[-1], skips[0].shape[1], len(self.channel_mult)
         for level in reversed(range(levels)):
-            res, mult = res0 >> level, self.channel_mult[level]
-            cout = x.shape[-1]
+            res, cout = res0 >> level, x.shape[-1]
             if level == levels - 1:
-                x = UNetBlock(cout, attention=True, dropout=self.dropout, dtype=dt,
-                              name=f"{res}x{res}_in0")(x, emb, train)  # fmt: skip
-                x = UNetBlock(cout, dropout=self.dropout, dtype=dt,
-                              name=f"{res}x{res}_in1")(x, emb, train)  # fmt: skip
+                x = block(cout, attention=True, name=f"{res}x{res}_in0")(x, emb, train)
+                x = block(cout, name=f"{res}x{res}_in1")(x, emb, train)
             else:
-                x = UNetBlock(cout, up=True, dropout=self.dropout, dtype=dt,
-                              name=f"{res}x{res}_up")(x, emb, train)  # fmt: skip
+                x = block(cout, up=True, name=f"{res}x{res}_up")(x, emb, train)
             for idx in range(self.num_blocks + 1):
                 x = jnp.concatenate([x, skips.pop()], axis=-1)  # U-Net skip
                 attn = idx == self.num_blocks and res in self.attn_resolutions
-                x = UNetBlock(self.model_channels * mult, attention=attn, dropout=self.dropout,
-                              dtype=dt, name=f"{res}x{res}_block{idx}")(x, emb, train)  # fmt: skip
-        h = nn.silu(group_norm(x.shape[-1], f"{res0}x{res0}_aux_norm", dt)(x))
-        return conv(self.out_channels, 3, f"{res0}x{res0}_aux_conv", INIT_ZERO, dt)(h)
+                cout = self.model_channels * self.channel_mult[level]
+                x = block(cout, attention=attn, name=f"{res}x{res}_block{idx}")(x, emb, train)
+        h = nn.silu(group_norm(x.shape[-1], f"{res0}x{res0}_aux_norm", self.dtype)(x))
+        return conv(self.out_channels, 3, f"{res0}x{res0}_aux_conv", INIT_ZERO, self.dtype)(h)
 
 
 class UNetDenoiser(nn.Module):
@@ -338,8 +332,9 @@ class ConvHead(nn.Module):
             h = feats[res].astype(jnp.float32)  # [B, r, r, C]
             for i in range(self.num_layers):
                 stride = 2 if h.shape[1] > 4 else 1
-                h = nn.Conv(self.width, (3, 3), strides=stride, padding="SAME",
-                            name=f"{res}x{res}_conv{i}")(h)  # fmt: skip
+                h = nn.Conv(
+                    self.width, (3, 3), strides=stride, padding="SAME", name=f"{res}x{res}_conv{i}"
+                )(h)
                 h = nn.silu(group_norm(self.width, f"{res}x{res}_norm{i}")(h))
             pooled.append(h.mean(axis=(1, 2)))  # [B, width]
         return nn.Dense(1, name="out")(jnp.concatenate(pooled, axis=-1))[:, 0]  # [B]

@@ -1,0 +1,288 @@
+"""MDLM teacher training, as a method for the training engine.
+
+The teacher is a `DiT` denoiser over V + 1 ids (V tokens and [MASK] = V) trained on the MDLM
+continuous-time NELBO (Sahoo et al. 2024; see `didistill.diffusion.masked`):
+
+    L(theta) = (1/L) E_{x, t, z_t ~ q(.|x)} [ w(t) sum_{l: z_t^l = m} -log x_theta^l(z_t)[x^l] ]
+
+(nats per token), with low-discrepancy t, the optimizer of `config.optim` and an EMA of the
+weights, ema <- d ema + (1 - d) theta with d = min(ema_decay, (1 + step)/(10 + step)) when
+`config.ema_warmup`.
+
+Data: `config.data.kind = 'synthetic'` (a language of `didistill.data.text`, exact likelihood)
+or 'tfds' (real text: a prepared tfds dataset and the byte or GPT-2 tokenizer).
+
+`evaluate` (EMA params): draws `eval.num_samples` sequences with the cached ancestral sampler at
+each of `eval.sample_steps`, reporting `steps{N}/gen_ppl`, `/entropy`, `/nfe` (and, for
+synthetic data, `/invalid_rate`) under the exact source as judge (for tfds data, the judge
+built by `eval.judge` = "package.module:factory" called as factory(config), or none: gen_ppl
+NaN); the same for real held-out data (`data/...`); the held-out NELBO
+(`heldout/nelbo_per_token`) against the source's exact per-token entropy of length-L
+sequences (`source/entropy_per_token`; their difference is `heldout/nelbo_gap`, >= 0 up to
+Monte Carlo noise and the O(eps) schedule bias); and saves the EMA params to
+`<workdir>/teacher_params.msgpack` (`save_teacher` / `load_teacher_denoiser`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import itertools
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import flax.serialization
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from didistill.data import text
+from didistill.diffusion import masked
+from didistill.eval import text as text_eval
+from didistill.nets.dit import DiT
+from didistill.train.method import Method
+from didistill.train.optim import apply_gradients, ema_update, make_optimizer
+
+TEACHER_FILE = "teacher_params.msgpack"
+_FORMAT = "didistill.mdlm_teacher/1"
+HELDOUT_SHARD = 2**31 - 1  # the rng tag of held-out data; no process index reaches it
+logger = logging.getLogger(__name__)
+
+
+@flax.struct.dataclass
+class MDLMTeacherState:
+    params: Any
+    opt_state: Any
+    ema_params: Any
+
+
+def make_denoiser(net_cfg: Mapping[str, Any]) -> DiT:
+    """The DiT from a net block holding vocab_size and max_length too (the teacher's meta)."""
+    return DiT(
+        vocab_size=int(net_cfg["vocab_size"]),
+        max_length=int(net_cfg["max_length"]),
+        width=int(net_cfg["width"]),
+        depth=int(net_cfg["depth"]),
+        num_heads=int(net_cfg["num_heads"]),
+        mlp_ratio=int(net_cfg.get("mlp_ratio", 4)),
+        dropout=float(net_cfg.get("dropout", 0.0)),
+        time_conditioning=bool(net_cfg.get("time_conditioning", False)),
+        cond_dim=int(net_cfg.get("cond_dim", 128)),
+        dtype=jnp.dtype(net_cfg.get("dtype", "float32")),
+    )
+
+
+def logits_fn_of(net: DiT, params) -> masked.LogitsFn:
+    """The `logits_fn(z_t, t)` of a denoiser, for `didistill.diffusion.masked`."""
+    return lambda xt, t: net.apply(params, xt, t)
+
+
+def save_teacher(path: str, params, meta: Mapping[str, Any]) -> str:
+    """Writes params and JSON-serialisable meta to one msgpack file, atomically (temp + rename)."""
+    payload = {
+        "format": _FORMAT,
+        "meta": json.dumps(dict(meta), sort_keys=True),
+        "params": flax.serialization.to_state_dict(jax.device_get(params)),
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(f"{path}.tmp", "wb") as f:
+        f.write(flax.serialization.msgpack_serialize(payload))
+    os.replace(f"{path}.tmp", path)
+    return path
+
+
+def load_teacher(path: str) -> tuple[Any, dict[str, Any]]:
+    """(params, meta) of a file written by `save_teacher`; clear errors when missing/corrupt."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"no MDLM teacher params at {path}. Train one first: python -m didistill.main "
+            f"--config=configs/synthetic_mdlm.py:markov --workdir=DIR (writes DIR/{TEACHER_FILE})."
+        )
+    try:
+        with open(path, "rb") as f:
+            payload = flax.serialization.msgpack_restore(f.read())
+        if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+            raise ValueError(f"missing the {_FORMAT!r} format tag")
+        meta = json.loads(payload["meta"])
+        params = jax.tree.map(jnp.asarray, payload["params"])
+    except Exception as err:  # msgpack, json and key errors all mean the same to the user
+        raise ValueError(
+            f"{path} is not a readable MDLM teacher file ({type(err).__name__}: {err}). "
+            "Re-create it by training the teacher again (configs/synthetic_mdlm.py)."
+        ) from err
+    return params, meta
+
+
+def load_teacher_denoiser(path: str) -> tuple[DiT, Any, dict[str, Any]]:
+    """(module, params, meta) of a saved teacher: logits = module.apply(params, z_t, t)."""
+    params, meta = load_teacher(path)
+    return make_denoiser(meta["net"]), params, meta
+
+
+def _data(config):
+    """(vocab_size, language or None, train batches factory, held-out token arrays factory)."""
+    d = config.data
+    if d.kind == "synthetic":
+        lang = text.get_language(d.language)
+        train = lambda start, n, shard: text.batches(lang, config.seed, n, d.length, start, shard)
+        heldout = lambda n: text.batches(lang, config.seed, n, d.length, 0, HELDOUT_SHARD)
+        return lang.vocab_size, lang, train, heldout
+    if d.kind == "tfds":
+        tok = text.get_tokenizer(d.tokenizer, d.tokenizer_dir)
+        sources = {}  # opened on first use, so building the method needs no data
+
+        def source(split):
+            if split not in sources:
+                sources[split] = text.load_tfds_text(d.tfds_name, split, d.tfds_data_dir or None)
+            return sources[split]
+
+        def train(start, n, shard):
+            src = source(d.tfds_split)
+            return text.text_batches(src, tok, config.seed, n, d.length, start, shard, d.text_key)
+
+        def heldout(n):
+            src = source(d.heldout_split)
+            return text.text_batches(src, tok, config.seed, n, d.length, 0, 0, d.text_key)
+
+        return tok.vocab_size, None, train, heldout
+    raise ValueError(f"config.data.kind={d.kind!r} must be 'synthetic' or 'tfds'")
+
+
+def _external_judge(config):
+    target = config.eval.get("judge", "")
+    if not target:
+        return None
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)(config)
+
+
+def make_method(config) -> Method:
+    """Builds the MDLM teacher method from a `configs/synthetic_mdlm.py`-style config."""
+    vocab_size, lang, train_batches, heldout_batches = _data(config)
+    mask_id, length = vocab_size, config.data.length
+    net_cfg = dict(config.net, vocab_size=vocab_size, max_length=length)
+    net = make_denoiser(net_cfg)
+    optimizer = make_optimizer(config.optim)
+    dcfg, ecfg = config.diffusion, config.eval
+    schedule = masked.get_schedule(dcfg.schedule, dcfg.eps)
+    global_batch = config.train.batch_size
+    if global_batch % jax.process_count():
+        raise ValueError(f"batch_size {global_batch} must divide by {jax.process_count()} hosts")
+    if not 0.0 <= config.ema_decay < 1.0:
+        raise ValueError(f"config.ema_decay={config.ema_decay} must be in [0, 1), e.g. 0.999")
+    if ecfg.num_samples < 1 or not ecfg.sample_steps or min(ecfg.sample_steps) < 1:
+        raise ValueError("config.eval needs num_samples >= 1 and sample_steps of ints >= 1")
+    cache = not net.time_conditioning  # caching is exact only for a time-agnostic denoiser
+
+    def init(key):
+        params = net.init(key, jnp.full((1, length), mask_id, jnp.int32), jnp.ones((1,)))
+        return MDLMTeacherState(params, optimizer.init(params), params)
+
+    def loss_fn(params, tokens, key):
+        k_nelbo, k_drop = jax.random.split(key)
+        fn = lambda xt, t: net.apply(params, xt, t, train=True, rngs={"dropout": k_drop})
+        per_seq = masked.nelbo(
+            fn, k_nelbo, tokens, schedule, mask_id,
+            t_min=dcfg.t_min, low_discrepancy=dcfg.low_discrepancy,
+        )  # fmt: skip
+        return jnp.mean(per_seq) / length
+
+    def step(state, batch, key, step):
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch["tokens"], key)
+        params, opt_state = apply_gradients(optimizer, state.params, state.opt_state, grads)
+        decay = jnp.asarray(config.ema_decay, jnp.float32)
+        if config.get("ema_warmup", False):
+            t = jnp.asarray(step, jnp.float32)
+            decay = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+        ema_params = ema_update(state.ema_params, params, decay)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "ema_decay": decay}
+        return MDLMTeacherState(params, opt_state, ema_params), metrics
+
+    def sample(params, key, num_steps):
+        dtype = jnp.float64 if ecfg.float64 else jnp.float32
+        fn = jax.jit(
+            lambda p, k, x: masked.ancestral_sample(
+                logits_fn_of(net, p), k, x, schedule, num_steps, cache=cache, dtype=dtype
+            )
+        )
+        chunks, nfe, n = [], 0, ecfg.num_samples
+        for i, start in enumerate(range(0, n, ecfg.batch_size)):
+            rows = min(ecfg.batch_size, n - start)
+            x_init = masked.all_masked(rows, length, mask_id)
+            tokens, used = fn(params, jax.random.fold_in(key, i), x_init)
+            chunks.append(np.asarray(tokens))
+            nfe = max(nfe, int(used))  # NFE per sampling run (one batch of samples)
+        return np.concatenate(chunks), nfe
+
+    def evaluate(state, key, workdir):
+        ema_params = jax.device_get(state.ema_params)
+        judge = (
+            text_eval.exact_judge(lang, ecfg.judge_smoothing) if lang else _external_judge(config)
+        )
+        report = lambda tokens, nfe: (
+            text_eval.sample_report(tokens, judge, nfe, lang)
+            if judge
+            else {"gen_ppl": math.nan, "entropy": text_eval.unigram_entropy(tokens), "nfe": nfe}
+        )
+        if judge is None:
+            logger.warning("no judge for real text (config.eval.judge): gen_ppl is NaN")
+        results = {}
+        n_batches = -(-ecfg.num_samples // ecfg.batch_size)
+        data = np.concatenate(
+            [b["tokens"] for b in itertools.islice(heldout_batches(ecfg.batch_size), n_batches)]
+        )[: ecfg.num_samples]
+        results.update({f"data/{k}": v for k, v in report(data, 0).items()})
+        k_sample, k_nelbo = jax.random.split(key)
+        with jax.enable_x64(True) if ecfg.float64 else contextlib.nullcontext():
+            for num_steps in ecfg.sample_steps:
+                tokens, nfe = sample(ema_params, jax.random.fold_in(k_sample, num_steps), num_steps)
+                results.update({f"steps{num_steps}/{k}": v for k, v in report(tokens, nfe).items()})
+        held = (
+            b["tokens"]
+            for b in itertools.islice(heldout_batches(ecfg.batch_size), ecfg.heldout_batches)
+        )
+        nelbo = text_eval.heldout_nelbo(
+            logits_fn_of(net, ema_params), held, k_nelbo, schedule, mask_id,
+            num_t=ecfg.num_t, t_min=dcfg.t_min,
+        )  # fmt: skip
+        results.update({f"heldout/{k}": v for k, v in nelbo.items()})
+        if lang is not None:
+            entropy = lang.entropy_per_token(length)
+            results["source/entropy_per_token"] = entropy
+            results["source/gen_ppl"] = math.exp(entropy)
+            results["heldout/nelbo_gap"] = results["heldout/nelbo_per_token"] - entropy
+        if jax.process_index() == 0:
+            meta = {
+                "data": dict(config.data),
+                "net": net_cfg,
+                "diffusion": dict(dcfg),
+                "eval": {k: v for k, v in results.items() if not k.startswith("data/")},
+            }
+            save_teacher(os.path.join(workdir, TEACHER_FILE), ema_params, meta)
+        return results
+
+    def batches(start_step):
+        local = global_batch // jax.process_count()
+        return train_batches(start_step, local, jax.process_index())
+
+    return Method(
+        init=init, step=step, evaluate=evaluate, batches=batches, global_batch_size=global_batch
+    )
+
+
+__all__ = [
+    "TEACHER_FILE",
+    "MDLMTeacherState",
+    "load_teacher",
+    "load_teacher_denoiser",
+    "logits_fn_of",
+    "make_denoiser",
+    "make_method",
+    "save_teacher",
+]
