@@ -9,7 +9,7 @@ The student network, data, optimizer and run length are those of the label-only 
 `assets/digits/classifier_teacher.msgpack`, trained by `configs/digits_classifier.py:teacher`
 (see assets/README.md for the command); point `--config.teacher.checkpoint` elsewhere to use
 another. Loss: kd_weight * s(T) * D(p_T || q_T) + label_weight * CE, s(T) = T^2 when
-t2_scaling (Hinton et al. 2015); defaults: pure distillation (label_weight 0) at T = 4.
+t2_scaling (Hinton et al. 2015); defaults: pure distillation (label_weight 0) at T = 2.
 Divergence parameters (`kd.divergence_params`) default to DEFAULT_PARAMS below.
 """
 
@@ -44,7 +44,7 @@ def get_config(arg=None):
         dict(
             divergence=divergence,
             divergence_params=ml_collections.ConfigDict(DEFAULT_PARAMS.get(divergence, {})),
-            temperature=4.0,
+            temperature=2.0,
             t2_scaling=True,  # multiply the divergence by T^2 (Hinton's gradient scale)
             kd_weight=1.0,
             label_weight=0.0,  # > 0 adds the hard-label cross-entropy (at T = 1)

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
 from configs import owt_mdlm, synthetic_mdlm
 from didistill.data import text
@@ -17,47 +18,56 @@ V, L = 6, 8
 SCHEDULE = masked.LogLinearSchedule()
 
 
-@jax.jit
 def perturbed(params, key, scale=0.3):
-    """params plus noise, so the zero-initialised heads and adaLN gates are active."""
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    noisy = [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
-    return jax.tree.unflatten(tree, noisy)
+    """params plus noise, so the zero-initialised heads and adaLN gates are active (one
+    random draw for the whole tree: cheap to compile)."""
+    flat, unravel = ravel_pytree(params)
+    return unravel(flat + scale * jax.random.normal(key, flat.shape))
 
 
 @pytest.fixture(scope="module")
 def dit():
+    """(jitted apply, perturbed params, tokens [3, L]) of a time-conditioned DiT."""
     net = DiT(vocab_size=V, max_length=L, width=16, depth=2, num_heads=2, time_conditioning=True)
     tokens = jax.random.randint(jax.random.key(0), (3, L), 0, V + 1)
     params = jax.jit(net.init)(jax.random.key(1), tokens, jnp.ones((3,)))
     return jax.jit(net.apply), perturbed(params, jax.random.key(2)), tokens
 
 
+@pytest.fixture(scope="module")
+def plain():
+    """(module, initial params) of a DiT without time conditioning, with dropout 0.5."""
+    net = DiT(vocab_size=V, max_length=L, width=16, depth=2, num_heads=2, dropout=0.5)
+    return net, jax.jit(net.init)(jax.random.key(0), jnp.full((2, L), V))
+
+
 class TestRotary:
     def test_scores_depend_on_relative_position_only(self):
         q, k = jax.random.normal(jax.random.key(0), (2, 1, 5, 2, 8))
         pos = jnp.arange(5)
-        score = lambda p: jnp.einsum("blhd,bmhd->bhlm", apply_rotary(q, p), apply_rotary(k, p))
+        score = jax.jit(
+            lambda p: jnp.einsum("blhd,bmhd->bhlm", apply_rotary(q, p), apply_rotary(k, p))
+        )
         np.testing.assert_allclose(score(pos), score(pos + 13), atol=1e-4)
         assert not np.allclose(score(pos), score(2 * pos), atol=1e-3)
 
     def test_is_a_rotation(self):
         x = jax.random.normal(jax.random.key(1), (2, 4, 3, 6))
-        y = apply_rotary(x, jnp.arange(4) * 7)
-        np.testing.assert_allclose(jnp.linalg.norm(y, axis=-1), jnp.linalg.norm(x, axis=-1), 1e-5)
-        np.testing.assert_allclose(apply_rotary(x, jnp.zeros(4)), x)
+        rotate = jax.jit(apply_rotary)
+        y = rotate(x, jnp.arange(4) * 7)
+        np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1), 1e-5)
+        np.testing.assert_allclose(rotate(x, jnp.zeros(4)), x, atol=1e-7)
 
 
 class TestDiT:
-    def test_shapes_and_zero_initial_logits(self):
-        net = DiT(vocab_size=V, max_length=L, width=16, depth=3, num_heads=4)
+    def test_shapes_and_zero_initial_logits(self, plain):
+        net, params = plain
         tokens = jnp.full((2, L), V)
-        params = jax.jit(net.init)(jax.random.key(0), tokens)
-        logits = net.apply(params, tokens)
+        apply = jax.jit(net.apply, static_argnames="return_hidden")
+        logits = apply(params, tokens)
         assert logits.shape == (2, L, V + 1) and logits.dtype == jnp.float32
         assert float(jnp.abs(logits).max()) == 0.0  # zero-initialised output layer
-        logits2, hidden = net.apply(params, tokens, return_hidden=2)
+        logits2, hidden = apply(params, tokens, return_hidden=2)
         assert hidden.shape == (2, 2, L, 16)
         np.testing.assert_array_equal(logits, logits2)
 
@@ -83,21 +93,17 @@ class TestDiT:
         assert not np.allclose(a, b, atol=1e-4)
         with pytest.raises(ValueError, match="needs the diffusion time"):
             apply(params, tokens)
-        plain = DiT(vocab_size=V, max_length=L, width=16, depth=1, num_heads=2)
-        p = perturbed(jax.jit(plain.init)(jax.random.key(0), tokens), jax.random.key(1))
-        apply_plain = jax.jit(plain.apply)
-        np.testing.assert_array_equal(
-            apply_plain(p, tokens, jnp.zeros(3)), apply_plain(p, tokens, jnp.ones(3))
-        )
 
-    def test_dropout_only_in_training(self):
-        net = DiT(vocab_size=V, max_length=L, width=16, depth=1, num_heads=2, dropout=0.5)
+    def test_no_time_conditioning_ignores_t_and_dropout_acts_in_training(self, plain):
+        net, params = plain
+        params = perturbed(params, jax.random.key(1))
         tokens = jnp.zeros((2, L), jnp.int32)
-        params = perturbed(jax.jit(net.init)(jax.random.key(0), tokens), jax.random.key(1))
+        apply = jax.jit(net.apply)
+        np.testing.assert_array_equal(
+            apply(params, tokens, jnp.zeros(2)), apply(params, tokens, jnp.ones(2))
+        )
         run = jax.jit(lambda k: net.apply(params, tokens, train=True, rngs={"dropout": k}))
         assert not np.allclose(run(jax.random.key(2)), run(jax.random.key(3)))
-        apply = jax.jit(net.apply)
-        np.testing.assert_array_equal(apply(params, tokens), apply(params, tokens))
 
     def test_bad_sizes(self):
         tokens = jnp.zeros((1, L), jnp.int32)

@@ -128,9 +128,8 @@ class TestConverter:
         message = str(error.value)
         assert "1 missing: Mixed_6e.branch_pool.bn.running_mean" in message
         assert "1 unexpected: Mixed_8a.conv.weight" in message
-        assert "Mixed_5b.branch1x1.conv.weight: shape (64, 192, 3, 3), expected (64, 192, 1, 1)" in (
-            message
-        )
+        shape_error = "shape (64, 192, 3, 3), expected (64, 192, 1, 1)"
+        assert f"Mixed_5b.branch1x1.conv.weight: {shape_error}" in message
 
     def test_refuses_torchvision_imagenet_weights(self, state_dict):
         with pytest.raises(ValueError, match="torchvision's ImageNet Inception"):

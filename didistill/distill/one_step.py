@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from didistill import divergences
 from didistill.distill import one_step_losses as losses
-from didistill.distill import one_step_toy
+from didistill.distill.parts import OneStepParts
 from didistill.train.method import Method
 from didistill.train.optim import apply_gradients, ema_update, make_optimizer
 
@@ -86,10 +86,24 @@ def validate(config) -> None:
         raise ValueError("config.distill needs 0 <= min_index < max_index <= num_sigmas")
 
 
+def build_parts(config) -> OneStepParts:
+    """The data-specific pieces: `config.data.kind` 'toy' (`one_step_toy`) or 'images'."""
+    kind = config.data.get("kind", "toy")
+    if kind == "toy":
+        from didistill.distill import one_step_toy
+
+        return one_step_toy.build(config)
+    if kind == "images":
+        from didistill.distill import one_step_images
+
+        return one_step_images.build(config)
+    raise ValueError(f"config.data.kind={kind!r} is not one of ('toy', 'images')")
+
+
 def make_method(config) -> Method:
     """Builds the one-step distillation `Method` for `config` (see `configs/toy2d.py`)."""
     validate(config)
-    parts = one_step_toy.build(config)  # networks, teacher, data and evaluation for the toy
+    parts = build_parts(config)  # networks, teacher, data and evaluation
     d = config.distill
     divergence = divergences.get(d.divergence, **dict(d.divergence_params))
     opt_g = make_optimizer(config.optim_generator)
@@ -123,15 +137,16 @@ def make_method(config) -> Method:
             ratio_bins=jnp.ones((d.num_bins,), jnp.float32),
         )
 
-    def critic_update(state, real, key):
+    def critic_update(state, real, real_cond, key):
         """One fake-score DSM step and one discriminator step on fresh generator samples."""
         k_gen, k_fake, k_real, k_disc = jax.random.split(key, 4)
-        x0 = jax.lax.stop_gradient(parts.generate(state.generator, k_gen, real.shape[0]))
+        x0, cond = parts.generate(state.generator, k_gen, real.shape[0])
+        x0 = jax.lax.stop_gradient(x0)
         xt, sigma, _ = noised(k_fake, x0)
 
         def fake_loss(params):
             return losses.fake_score_loss(
-                parts.denoise(params, xt, sigma), x0, sigma, parts.sigma_data
+                parts.denoise(params, xt, sigma, cond), x0, sigma, parts.sigma_data
             )
 
         f_loss, f_grads = jax.value_and_grad(fake_loss)(state.fake_score)
@@ -143,8 +158,8 @@ def make_method(config) -> Method:
 
         def disc_loss(params):
             return losses.discriminator_loss(
-                parts.disc_logit(params, real_t, real_sigma),
-                parts.disc_logit(params, fake_t, fake_sigma),
+                parts.disc_logit(params, real_t, real_sigma, real_cond),
+                parts.disc_logit(params, fake_t, fake_sigma, cond),
             )
 
         d_loss, d_grads = jax.value_and_grad(disc_loss)(state.discriminator)
@@ -161,14 +176,14 @@ def make_method(config) -> Method:
 
     def generator_loss(g_params, state, key):
         k_gen, k_noise = jax.random.split(key)
-        x0 = parts.generate(g_params, k_gen, parts.batch_size)
+        x0, cond = parts.generate(g_params, k_gen, parts.batch_size)
         xt, sigma, bins = noised(k_noise, x0)
         if exact:
             d_fake = parts.exact_student_denoiser(jax.lax.stop_gradient(g_params), xt, sigma)
         else:
-            d_fake = parts.denoise(state.fake_score, xt, sigma)
-        d_teacher = parts.teacher_denoise(xt, sigma)
-        logit = None if exact else parts.disc_logit(state.discriminator, xt, sigma)  # grad in xt
+            d_fake = parts.denoise(state.fake_score, xt, sigma, cond)
+        d_teacher = parts.teacher_denoise(xt, sigma, cond)
+        logit = None if exact else parts.disc_logit(state.discriminator, xt, sigma, cond)
         if exact:
             log_r = parts.exact_log_ratio(jax.lax.stop_gradient(g_params), xt, sigma)
         else:
@@ -208,9 +223,10 @@ def make_method(config) -> Method:
         critic_metrics = {}
         if d.critic_steps > 0:
             real = jnp.swapaxes(batch["x"], 0, 1)  # [critic_steps, B, ...]
+            real_cond = jnp.swapaxes(batch["label"], 0, 1) if "label" in batch else None
             critic_keys = jax.random.split(k_critic, d.critic_steps)
             state, critic_metrics = jax.lax.scan(
-                lambda s, inputs: critic_update(s, *inputs), state, (real, critic_keys)
+                lambda s, inputs: critic_update(s, *inputs), state, (real, real_cond, critic_keys)
             )
         (_, (aux, ratio_bins)), grads = jax.value_and_grad(generator_loss, has_aux=True)(
             state.generator, state, k_gen
@@ -239,4 +255,4 @@ def make_method(config) -> Method:
     )
 
 
-__all__ = ["METHODS", "OneStepState", "make_method", "validate"]
+__all__ = ["METHODS", "OneStepState", "build_parts", "make_method", "validate"]

@@ -1,6 +1,6 @@
 """The pieces of one-step distillation on an analytic 2-D toy (`configs/toy2d.py`).
 
-`build(config)` returns a `ToyParts` bundle that `one_step.make_method` uses: the networks
+`build(config)` returns the `OneStepParts` bundle that `one_step.make_method` uses: the networks
 (generator, fake score, discriminator) as pure functions of their params, the frozen teacher,
 the data stream and the evaluation. The teacher is a small MLP denoiser trained by
 `configs/toy_teacher.py` (shipped under `assets/toy/`); `teacher.score = 'exact'` uses the
@@ -11,8 +11,6 @@ generator and the fake score).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,25 +18,11 @@ import numpy as np
 
 from didistill.data import toy
 from didistill.diffusion import edm
+from didistill.distill.parts import OneStepParts
 from didistill.distill.teacher import load_teacher_denoiser
 from didistill.eval import plots
 from didistill.eval.toy import mode_histogram, toy_metrics
 from didistill.nets.mlp import MLPDenoiser, MLPHead
-
-
-class ToyParts(NamedTuple):
-    sigma_data: float
-    sigma_grid: np.ndarray  # [num_sigmas] decreasing noise levels the losses draw from
-    batch_size: int
-    init_params: Callable  # key -> (generator, fake_score, discriminator) params
-    generate: Callable  # (generator params, key, n) -> x0 [n, D]
-    denoise: Callable  # (params, x, sigma) -> D(x; sigma)
-    teacher_denoise: Callable  # (x, sigma) -> D_phi(x; sigma), frozen
-    disc_logit: Callable  # (params, x, sigma) -> logit [B] estimating log p_t - log q_t
-    exact_student_denoiser: Callable  # (affine generator params, x, sigma) -> D_q(x; sigma)
-    exact_log_ratio: Callable  # (affine generator params, x, sigma) -> log p_t - log q_t
-    batches: Callable  # start_step -> iterator of {'x': [B, critic_steps, D]}
-    evaluate: Callable  # (generator params, key, workdir) -> metrics
 
 
 def _affine_cov(params, sigma):  # student x0 = z A + b, z ~ N(0, I): Cov = A^T A + sigma^2 I
@@ -70,7 +54,7 @@ def rare_mode_share(samples, mixture) -> dict[str, float]:
     return {"rare_mode_share": float(share)}
 
 
-def build(config) -> ToyParts:
+def build(config) -> OneStepParts:
     mixture = toy.get_toy(config.data.toy)
     if not os.path.isfile(config.teacher.checkpoint) and config.teacher.checkpoint.startswith(
         "assets/"
@@ -95,26 +79,26 @@ def build(config) -> ToyParts:
     )
     head = MLPHead(width=config.discriminator.head_width, depth=2)
 
-    def denoise(params, x, sigma):
+    def denoise(params, x, sigma, cond=None):  # the toy is unconditional: cond is None
         return net.apply(params, x, sigma)
 
-    def teacher_denoise(x, sigma):
+    def teacher_denoise(x, sigma, cond=None):
         if config.teacher.score == "exact":
             return mixture.denoiser(x, sigma)
         return net.apply(teacher_params, x, sigma)
 
-    def disc_logit(params, x, sigma):
+    def disc_logit(params, x, sigma, cond=None):
         if config.discriminator.features == "teacher":
             _, feats = net.apply(teacher_params, x, sigma, features=True)
         else:
             _, feats = disc_trunk.apply(params["trunk"], x, sigma, features=True)
         return head.apply(params["head"], feats)
 
-    def generate(params, key, n):
+    def generate(params, key, n):  # -> (x0 [n, D], cond None)
         z = jax.random.normal(key, (n, dim))
         if g_cfg.kind == "affine":
-            return z @ params["A"] + params["b"]
-        return net.apply(params, sigma_g * z, jnp.full((n,), sigma_g))
+            return z @ params["A"] + params["b"], None
+        return net.apply(params, sigma_g * z, jnp.full((n,), sigma_g)), None
 
     def init_params(key):
         k_g, k_d, k_h = jax.random.split(key, 3)
@@ -147,7 +131,7 @@ def build(config) -> ToyParts:
             teacher_denoise, latents, edm.heun_steps_for_nfe(config.eval.teacher_nfe)
         )
     )
-    sample_student = jax.jit(generate, static_argnums=2)
+    sample_student = jax.jit(lambda p, k, n: generate(p, k, n)[0], static_argnums=2)
 
     def evaluate(params, key, workdir):
         k_student, k_teacher, k_ref, k_metric = jax.random.split(key, 4)
@@ -175,7 +159,7 @@ def build(config) -> ToyParts:
 
     num = d.num_sigmas
     grid = np.asarray(edm.karras_sigmas(num, d.sigma_min, d.sigma_max))[:num]
-    return ToyParts(
+    return OneStepParts(
         sigma_data=net.sigma_data,
         sigma_grid=grid,
         batch_size=config.train.batch_size,
@@ -191,4 +175,4 @@ def build(config) -> ToyParts:
     )
 
 
-__all__ = ["ToyParts", "build", "rare_mode_share"]
+__all__ = ["build", "rare_mode_share"]

@@ -5,6 +5,11 @@
     categorical       exact divergences between categorical distributions given logits
     score_difference  the f-distill surrogate whose gradient is h(r) (s_q - s_p)
 
+Submodules imported on demand (they pull in ott-jax or are larger):
+    transport         Sinkhorn distances (ott-jax) and the SinKD loss
+    balanced          BD-KD's entropy-balanced forward/reverse KL
+    alignment         f-DPO, f-DPG and the DPH-RL penalty (model in the ratio's numerator)
+
 Convention (DESIGN.md section 1): p is the target (teacher), q the model (student), and every
 function takes log_r = log p - log q. Nothing here imports the rest of didistill.
 """

@@ -44,9 +44,7 @@ INCEPTION_SIZE = 299  # input resolution of the graph
 FEATURE_DIM = 2048  # pool3 width
 FORMAT = "didistill.inception/1"  # '__format__' entry of the converted .npz
 PYTORCH_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
-CONVERT_COMMAND = (
-    "python experiments/convert_inception.py /path/to/" + PYTORCH_WEIGHTS + " {path}"
-)
+CONVERT_COMMAND = "python experiments/convert_inception.py /path/to/" + PYTORCH_WEIGHTS + " {path}"
 
 
 class ConvBN(nn.Module):
@@ -168,7 +166,10 @@ class BlockE(nn.Module):
         b1 = c(320, (1, 1), (0, 0), "branch1x1")(x)
         b3 = c(384, (1, 1), (0, 0), "branch3x3_1")(x)
         b3 = jnp.concatenate(
-            [c(384, (1, 3), (0, 1), "branch3x3_2a")(b3), c(384, (3, 1), (1, 0), "branch3x3_2b")(b3)],
+            [
+                c(384, (1, 3), (0, 1), "branch3x3_2a")(b3),
+                c(384, (3, 1), (1, 0), "branch3x3_2b")(b3),
+            ],
             axis=-1,
         )
         bd = c(448, (1, 1), (0, 0), "branch3x3dbl_1")(x)

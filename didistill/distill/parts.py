@@ -1,0 +1,31 @@
+"""`OneStepParts`: what one-step distillation needs from a data domain (toy, images).
+
+`one_step.make_method` is written once against this bundle; `one_step_toy.build` and
+`one_step_images.build` fill it in. `cond` is the conditioning of a batch (class labels [B]) or
+None for unconditional models; every network function takes it and may ignore it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+
+
+class OneStepParts(NamedTuple):
+    sigma_data: float
+    sigma_grid: np.ndarray  # [num_sigmas] decreasing noise levels the losses draw from
+    batch_size: int  # global batch
+    init_params: Callable  # key -> (generator, fake_score, discriminator) params
+    generate: Callable  # (generator params, key, n) -> (x0 [n, ...], cond [n] or None)
+    denoise: Callable  # (params, x, sigma, cond) -> D(x; sigma) with the shared architecture
+    teacher_denoise: Callable  # (x, sigma, cond) -> D_phi(x; sigma), frozen
+    disc_logit: Callable  # (params, x, sigma, cond) -> logit [B] estimating log p_t - log q_t
+    exact_student_denoiser: Callable | None  # (affine generator params, x, sigma) -> D_q
+    exact_log_ratio: Callable | None  # (affine generator params, x, sigma) -> log p_t - log q_t
+    batches: Callable  # start_step -> iterator of {'x': [B, critic_steps, ...], 'label'?: [B, k]}
+    evaluate: Callable  # (generator EMA params, key, workdir) -> flat dict of metrics
+
+
+__all__ = ["OneStepParts"]
