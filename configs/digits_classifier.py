@@ -22,7 +22,8 @@ ROLES = ("teacher", "student")
 METHOD = "didistill.distill.kd:make_classifier_method"
 
 
-def _parse(arg, name="digits_classifier", roles=ROLES):
+def parse_arg(arg, name="digits_classifier", roles=ROLES):
+    """(role, smoke) from "<role>[,smoke]"; ValueError naming the valid roles."""
     parts = [p.strip() for p in (arg or roles[0]).split(",") if p.strip()]
     flags = set(parts[1:])
     if not parts or parts[0] not in roles or not flags <= {"smoke"}:
@@ -66,12 +67,12 @@ def common(config, smoke: bool):
 
 
 def get_config(arg=None):
-    role, smoke = _parse(arg)
+    role, smoke = parse_arg(arg)
     config = base.get_config()
     config.method = METHOD
     config.net = teacher_net() if role == "teacher" else student_net()
     common(config, smoke)
     if smoke:
-        config.net.widths = (4,) if role == "student" else (8, 8)
+        config.net.widths = (16,) if role == "student" else (8, 8)
         config.net.hidden = 16
     return config

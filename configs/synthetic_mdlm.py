@@ -29,7 +29,7 @@ def _parse(arg):
 def get_config(arg=None):
     name, smoke = _parse(arg)
     config = base.get_config()
-    config.method = "didistill.distill.mdlm_teacher:make_method"
+    config.method = "mdlm_teacher"
     config.data = ml_collections.ConfigDict(
         dict(
             kind="synthetic",  # 'synthetic' | 'tfds'

@@ -16,6 +16,8 @@ from didistill.train.method import Method
 # name -> "package.module:factory"
 METHODS: dict[str, str] = {
     "edm_teacher": "didistill.distill.teacher:make_method",
+    "mdlm_teacher": "didistill.distill.mdlm_teacher:make_method",
+    "didi_instruct": "didistill.distill.didi:make_method",
     **{
         name: "didistill.distill.one_step:make_method"
         for name in ("f_distill", "dmd2", "diff_instruct", "sid", "uni_instruct")

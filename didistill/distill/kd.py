@@ -8,29 +8,36 @@ predictions, p = softmax(v / T) (teacher logits v) and q = softmax(z / T) (stude
     L(z) = kd_weight * s(T) * mean_i D(p_i || q_i) + label_weight * mean_i CE(y_i, softmax(z_i))
     s(T) = T^2 if kd.t2_scaling else 1
 
-Hinton, Vinyals, Dean 2015 ("Distilling the Knowledge in a Neural Network") soften both sides
-with T and multiply the soft term by T^2: grad_z T^2 KL(p_T || q_T) = T (q_T - p_T), which
-for large T is about (z - v) / K (zero-mean logits), so the soft term keeps its scale against
-the hard-label term (taken at T = 1) as T changes. The factor was derived for KL; we apply the
-same s(T) to every divergence so that the temperature has one meaning across the table.
+Temperature (Hinton, Vinyals, Dean 2015, arXiv 1503.02531): both sides are softened by T and
+the soft term is multiplied by T^2, because grad_z T^2 KL(p_T || q_T) = T (q_T - p_T), which
+for large T and zero-mean logits is about (z - v) / K: the soft term then keeps its scale
+against the hard-label term (taken at T = 1) as T changes. The argument is about KL; we apply
+the same s(T) to every divergence so that T means one thing across a table. (Practice varies:
+DistiLLM and TRL's GKD loss use no T^2; SinKD fixes T = 2.)
 
 `kd.divergence` (p = teacher is the target, q = student the model; DESIGN.md section 1):
-- every registered f-divergence D_f(p || q) = sum_k q_k f(p_k / q_k) (forward_kl = KL(p||q),
-  mass-covering; reverse_kl = KL(q||p), mode-seeking; jensen_shannon, total_variation,
-  squared_hellinger, jeffreys, pearson_chi2, neyman_chi2, softened_reverse_kl, alpha), and
-  skew_kl / skew_reverse_kl (DistiLLM, Ko et al. 2024), generalized_jsd (GKD, Agarwal et al.
-  2024; returned divided by beta (1 - beta)), alpha_beta (ABKD, Wang et al. 2025): all through
-  `didistill.divergences.categorical`, with `kd.divergence_params` as keyword arguments;
-- 'bdkd' (BD-KD, Amara et al. 2022): per sample w_fwd KL(p || q) + w_rev KL(q || p), weights
-  from the teacher/student entropy gap (`divergences.balanced`; params high, low);
-- 'sinkd' (SinKD, Cui et al. 2024): the batch-wise Sinkhorn cost between the B student and B
-  teacher distributions (`divergences.transport.sinkd_loss`; params epsilon, num_iterations),
-  divided by B to put it on a per-sample scale (the published loss sums the plan of mass B).
+- every registered f-divergence D_f(p || q) = sum_k q_k f(p_k / q_k): forward_kl = KL(p || q)
+  (mass-covering), reverse_kl = KL(q || p) (mode-seeking), jensen_shannon, total_variation,
+  squared_hellinger, jeffreys, pearson_chi2, neyman_chi2, softened_reverse_kl, alpha;
+- skew_kl = KL(p || a p + (1-a) q) and skew_reverse_kl = KL(q || a q + (1-a) p) (DistiLLM,
+  Ko et al. 2024, arXiv 2402.03898), generalized_jsd (GKD, Agarwal et al. 2024, arXiv
+  2306.13649; returned divided by beta (1 - beta), so beta = 0 / 1 are forward / reverse KL),
+  alpha_beta (ABKD, Wang et al. 2025, arXiv 2505.04560): these and the f-divergences go
+  through `didistill.divergences.categorical`, with `kd.divergence_params` as its keywords;
+- bdkd (BD-KD, Amara et al. 2022, arXiv 2212.12965): per sample w_fwd KL(p || q) +
+  w_rev KL(q || p), weights from the teacher/student entropy gap (`divergences.balanced`;
+  params high, low);
+- sinkd (SinKD, Cui et al. 2024, arXiv 2402.17110): the Sinkhorn transport cost between the B
+  student and the B teacher distributions of a batch (`divergences.transport.sinkd_loss`;
+  params epsilon, num_iterations), divided by B to put it on a per-sample scale (the
+  published loss sums a plan of mass B).
 
-Evaluation (both methods), on the test split with the EMA parameters: accuracy, NLL (mean
--log softmax(z)_y) and the expected calibration error (see `expected_calibration_error`).
-The classifier method also writes `workdir/classifier_params.msgpack` (see `save_classifier`).
-Per-step data: rows (and optional shifts) drawn by `np.random.default_rng([seed, shard, step])`.
+Both methods keep an EMA of the weights, decay min(ema_decay, (1 + t) / (10 + t)) at step t,
+and evaluate it on the train and test splits: accuracy, NLL (mean -log softmax(z)_y) and the
+expected calibration error (`expected_calibration_error`); KD adds the student's top-1
+agreement with the teacher. The classifier method writes `workdir/classifier_params.msgpack`
+(`save_classifier`). Per-step data: rows (and optional pixel shifts) drawn by
+`np.random.default_rng([seed, shard, step])` (`shifted_batches`).
 """
 
 from __future__ import annotations
@@ -89,8 +96,10 @@ def make_kd_loss(divergence: str, temperature: float = 1.0, t2_scaling: bool = T
         allowed = _EXTRA_PARAMS[divergence]
         if set(params) - set(allowed):
             raise ValueError(f"{divergence} takes {', '.join(allowed)}; got {sorted(params)}")
-        if divergence == "sinkd" and "num_iterations" in params:
-            params["num_iterations"] = int(params["num_iterations"])
+        if divergence == "sinkd":
+            params["num_iterations"] = int(params.get("num_iterations", 20))  # static
+            if not (params.get("epsilon", 0.1) > 0 and params["num_iterations"] >= 1):
+                raise ValueError(f"sinkd needs epsilon > 0 and num_iterations >= 1: {params}")
     else:  # validates the parameters (and raises their errors) once, on a dummy pair
         categorical(divergence, jnp.zeros((1, 2)), jnp.zeros((1, 2)), **params)
 
@@ -265,7 +274,9 @@ def _build(config, loss_fn, extra_eval, on_evaluate=None) -> Method:
 
         (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         params, opt_state = apply_gradients(optimizer, state.params, state.opt_state, grads)
-        ema_params = ema_update(state.ema_params, params, config.ema_decay)
+        t = jnp.asarray(step, jnp.float32)  # EMA warm-up: forget the initialisation quickly
+        decay = jnp.minimum(config.ema_decay, (1.0 + t) / (10.0 + t))
+        ema_params = ema_update(state.ema_params, params, decay)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
         return ClassifierState(params, opt_state, ema_params), metrics
 
@@ -332,11 +343,16 @@ def make_kd_method(config) -> Method:
     try:
         teacher, teacher_params, meta = load_classifier(config.teacher.checkpoint)
     except FileNotFoundError as err:
-        raise ValueError(f"config.teacher.checkpoint: {err}") from None
-    if teacher.num_classes != config.net.num_classes:
         raise ValueError(
-            f"the teacher has {teacher.num_classes} classes, config.net.num_classes="
-            f"{config.net.num_classes}"
+            f"config.teacher.checkpoint: {err} Then pass --config.teacher.checkpoint="
+            f"DIR/{CLASSIFIER_FILE}."
+        ) from None
+    data = meta.get("data", config.data.name)  # files written by hand may not say
+    if teacher.num_classes != config.net.num_classes or data != config.data.name:
+        raise ValueError(
+            f"the teacher {config.teacher.checkpoint} was trained on {data!r} with "
+            f"{teacher.num_classes} classes; the student on {config.data.name!r} with "
+            f"config.net.num_classes={config.net.num_classes}"
         )
 
     def loss_fn(logits, images, labels):  # logits [B, K]
@@ -348,14 +364,13 @@ def make_kd_method(config) -> Method:
         return loss, {"kd": soft, "ce": hard, "accuracy": accuracy}
 
     def extra_eval(logits, test):  # student logits [N, K] on the test split
-        teacher_logits = teacher.apply(teacher_params, test["image"])  # [N, K]
-        agree = np.argmax(logits, -1) == np.argmax(teacher_logits, -1)
+        teacher_logits = np.asarray(teacher.apply(teacher_params, test["image"]))  # [N, K]
+        agree = np.argmax(np.asarray(logits), -1) == np.argmax(teacher_logits, -1)  # [N]
         results = {"test/teacher_agreement": float(np.mean(agree))}
         metrics = classification_metrics(teacher_logits, test["label"], config.eval.num_bins)
         results.update({f"teacher/test_{k}": v for k, v in metrics.items()})
         return results
 
-    del meta
     return _build(config, loss_fn, extra_eval)
 
 

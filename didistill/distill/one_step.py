@@ -38,6 +38,7 @@ from didistill.distill import one_step_losses as losses
 from didistill.distill.parts import OneStepParts
 from didistill.train.method import Method
 from didistill.train.optim import apply_gradients, ema_update, make_optimizer
+from didistill.train.sharding import shard_batch
 
 METHODS = ("f_distill", "dmd2", "diff_instruct", "sid", "uni_instruct")
 _REVERSE_KL_ONLY = ("dmd2", "diff_instruct", "sid")
@@ -141,7 +142,7 @@ def make_method(config) -> Method:
         """One fake-score DSM step and one discriminator step on fresh generator samples."""
         k_gen, k_fake, k_real, k_disc = jax.random.split(key, 4)
         x0, cond = parts.generate(state.generator, k_gen, real.shape[0])
-        x0 = jax.lax.stop_gradient(x0)
+        x0 = shard_batch(jax.lax.stop_gradient(x0))
         xt, sigma, _ = noised(k_fake, x0)
 
         def fake_loss(params):
@@ -177,6 +178,7 @@ def make_method(config) -> Method:
     def generator_loss(g_params, state, key):
         k_gen, k_noise = jax.random.split(key)
         x0, cond = parts.generate(g_params, k_gen, parts.batch_size)
+        x0 = shard_batch(x0)
         xt, sigma, bins = noised(k_noise, x0)
         if exact:
             d_fake = parts.exact_student_denoiser(jax.lax.stop_gradient(g_params), xt, sigma)

@@ -80,6 +80,18 @@ def local_copy(tree):
     return jax.tree.map(lambda x: x.addressable_data(0), tree)
 
 
+def shard_batch(x):
+    """Inside a method's step: constrain `x` [B, ...] to be split over 'data' like a batch.
+
+    For arrays made inside the step (generator samples from fresh noise) that XLA cannot tie
+    to the input batch. A no-op when no mesh with a 'data' axis is set (a step jitted by hand).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or DATA_AXIS not in mesh.axis_names:
+        return x
+    return jax.lax.with_sharding_constraint(x, P(DATA_AXIS))
+
+
 def with_sharding(abstract_tree, sharding: NamedSharding):
     """`jax.ShapeDtypeStruct`s of `abstract_tree` (e.g. from `jax.eval_shape`) on `sharding`."""
     return jax.tree.map(
@@ -96,5 +108,6 @@ __all__ = [
     "make_mesh",
     "replicate",
     "replicated",
+    "shard_batch",
     "with_sharding",
 ]

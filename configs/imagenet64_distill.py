@@ -1,0 +1,75 @@
+"""One-step distillation of a class-conditional ImageNet-64 EDM teacher, published settings.
+
+    --config=configs/imagenet64_distill.py                 f-distill, Jensen-Shannon (FastGen)
+    --config=configs/imagenet64_distill.py:forward_kl      f-distill with another divergence
+    --config=configs/imagenet64_distill.py:dmd2            DMD2 (reverse KL + GAN)
+    --config=configs/imagenet64_distill.py:sid             SiD
+    --config=configs/imagenet64_distill.py:uni_instruct    Uni-Instruct
+    --config=configs/imagenet64_distill.py:dmd2,smoke      two tiny steps, for tests
+
+Teacher: `data/edm/edm-imagenet64-cond.msgpack`, a `convert_edm.save_unet` file of a
+class-conditional (label_dim 1000) 64x64 DDPM++ U-Net with an 8x8 encoder level. NOTE: EDM's
+released ImageNet-64 model (edm-imagenet-64x64-cond-adm) is an ADM network, which
+`didistill.nets.convert_edm` does not convert yet; until it does, this config needs a DDPM++
+teacher trained or converted by the user. Data: tfds `imagenet_resized/64x64` prepared in
+array_record format under `config.data.data_dir` (see didistill/data/images.py).
+
+Hyperparameters (reference/continuous_distillation.md 1.4, 2.4, 3.3, 3.4):
+- f_distill [f-distill Table 5, FastGen config_f_distill_in64]: global batch 512, AdamW lr
+  2e-6 (fine-tuning 5e-7), weight decay 0.01, fake-score update frequency 5, GAN weight 3e-3,
+  bottleneck-only discriminator (8x8), ratio_ema_rate 0.5, 380k iterations (FastGen 600k),
+  EMA 0.9999, generator input 80 z at sigma 80.
+- dmd2 [DMD2 experiments/imagenet]: batch 280, AdamW lr 2e-6 betas (0.9, 0.999), weight
+  decay 0.01, 500 warm-up steps, gradient clip 10, update ratio 5, GAN weight 3e-3, no EMA
+  found (0.9999 kept here), 200k iterations.
+- sid / uni_instruct [SiD, Uni-Instruct]: batch 8192, Adam lr 4e-6, betas (0, 0.999), input
+  2.5 z at sigma 2.5, EMA half-life 2 Mimg (0.5^(8192 / 2e6) per step), Uni-Instruct GAN
+  weight 0.01. Not implemented: fp16 and the generator loss scale 100.
+"""
+
+from configs import digits_distill as common
+
+TEACHER = "data/edm/edm-imagenet64-cond.msgpack"
+
+
+def get_config(arg=None):
+    method, divergence, flags = common.parse(arg, "jensen_shannon", "imagenet64_distill")
+    config = common.image_distill_config(method, divergence, flags)
+    config.data.name = "imagenet64"
+    config.teacher.checkpoint = TEACHER
+    config.discriminator.resolutions = (8,)
+    config.discriminator.width = 256
+    config.eval.num_samples = 10_000
+    config.eval.batch_size = 250
+    config.eval.feature_checkpoint = ""
+    config.train.log_every = 100
+    config.train.checkpoint_every = 5000
+    d = config.distill
+    opts = (config.optim_generator, config.optim_fake_score, config.optim_discriminator)
+    if method in ("sid", "uni_instruct", "diff_instruct"):
+        for opt in opts:
+            opt.update(dict(name="adam", learning_rate=4e-6, b1=0.0, b2=0.999))
+        config.train.batch_size = 8192
+        config.ema_decay = 0.5 ** (8192 / 2_000_000)
+        config.train.num_steps = 1_000_000_000 // 8192  # 1000 Mimg (SiD)
+        d.critic_steps = 1
+        d.gan_weight = 0.01 if method == "uni_instruct" else 0.0
+    else:
+        for opt in opts:
+            opt.update(dict(name="adamw", learning_rate=2e-6, b1=0.9, b2=0.999, weight_decay=0.01))
+        config.ema_decay = 0.9999
+        d.critic_steps = 5
+        d.gan_weight = 3e-3
+        if method == "dmd2":
+            config.train.batch_size = 280
+            config.train.num_steps = 200_000
+            for opt in opts:
+                opt.update(dict(warmup_steps=500, grad_clip_norm=10.0))
+        else:
+            config.train.batch_size = 512
+            config.train.num_steps = 380_000
+            d.ratio_ema_rate = 0.5
+            d.min_index, d.max_index = 2, 998
+    if "smoke" in flags:
+        common.shrink_for_smoke(config)
+    return config

@@ -1,0 +1,341 @@
+"""DiDi-Instruct: few-step distillation of an MDLM teacher by an integral-KL policy gradient.
+
+Zheng et al., arXiv:2509.25035; shared/reference/discrete_distillation.md section 1; the
+estimator and its derivation are in `didi_losses`.
+
+Networks (all the teacher's `DiT` architecture):
+- the student, initialised from the teacher's params, trained on `student_loss`;
+- the discriminator: a copy of the teacher whose last `disc_trainable_blocks` = K blocks are
+  trainable, the rest frozen at the teacher's weights (only the K blocks and the head live in
+  the state; the frozen part is the closed-over teacher params), plus a per-token head
+  LN -> Dense(D) -> SiLU -> Dense(1) on the last block's output. K = 0 is a head on the frozen
+  teacher's features. No spectral norm (the reference's head uses it; not done here).
+
+One engine step (one jitted function):
+1. `critic_steps` discriminator updates (`lax.scan`): "real" = teacher samples
+   (`teacher_sample_steps`-step ancestral sampler) or data (`distill.real`), "fake" = student
+   samples, both forward-corrupted at the same tau when `coupled_time`, BCE with label
+   smoothing on masked positions.
+2. One student update: a G-grouped batch of two-step trajectories m -> z_tau -> x
+   (`score_decomposition`; one step m -> x otherwise), tau ~ Beta(a, b) clamped; reward =
+   discriminator mean masked-token logit on x re-corrupted at tau (coupled) or at a fresh
+   t ~ U[tau_min, tau_max]; advantage = grouped z-score (`reward_normalize`); weight omega(t)
+   (`time_weight`), optionally / pi(t) (`importance_weight`); log-prob of the path
+   (`logprob_mode`: 'revealed' = token values at revealed positions, the reference's
+   `prev_is_mask`; 'transition' = the full step law; same gradient, since where tokens are
+   revealed does not depend on the student); KL(teacher || student) and entropy regularisers on
+   masked positions of both steps.
+
+`evaluate`: exact-judge `sample_report` of the EMA student and of the teacher at each of
+`eval.sample_steps` (`student/steps{N}/...`, `teacher/steps{N}/...`), and of real data.
+
+Not done: the reward-guided ancestral sampler (RGAS), the spectral-norm head, the reference's
+student LR decay. The teacher params are closed over (jit constants): fine for small teachers;
+a 169M teacher should be passed as a step input instead.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from didistill.data import text
+from didistill.diffusion import masked
+from didistill.distill import didi_losses as losses
+from didistill.distill.mdlm_teacher import load_teacher_denoiser, logits_fn_of
+from didistill.eval import text as text_eval
+from didistill.train.method import Method
+from didistill.train.optim import apply_gradients, ema_update, make_optimizer
+
+REAL_SOURCES = ("teacher", "data")
+LOGPROB_MODES = ("revealed", "transition")
+TIME_WEIGHTS = ("none", "elbo")
+
+
+class TokenHead(nn.Module):
+    """Per-token discriminator head: hidden [B, L, D] -> logits [B, L]."""
+
+    width: int
+
+    @nn.compact
+    def __call__(self, hidden):
+        h = nn.LayerNorm()(hidden.astype(jnp.float32))
+        h = nn.silu(nn.Dense(self.width)(h))
+        return nn.Dense(1)(h)[..., 0]
+
+
+class DiDiState(flax.struct.PyTreeNode):
+    student: Any
+    student_opt: Any
+    student_ema: Any
+    discriminator: Any  # {'blocks': the K trainable blocks, 'head': TokenHead params}
+    discriminator_opt: Any
+
+
+def validate(config, depth: int) -> None:
+    """Checks config.distill; raises ValueError naming the key and what to set."""
+    d = config.distill
+    checks = [
+        (d.real in REAL_SOURCES, f"distill.real={d.real!r} must be one of {REAL_SOURCES}"),
+        (
+            d.logprob_mode in LOGPROB_MODES,
+            f"distill.logprob_mode={d.logprob_mode!r} must be one of {LOGPROB_MODES}",
+        ),
+        (
+            d.time_weight in TIME_WEIGHTS,
+            f"distill.time_weight={d.time_weight!r} must be one of {TIME_WEIGHTS}",
+        ),
+        (d.group_size >= 1, f"distill.group_size={d.group_size} must be >= 1"),
+        (
+            not d.reward_normalize or d.group_size >= 2,
+            "distill.reward_normalize=True needs distill.group_size >= 2",
+        ),
+        (
+            config.train.batch_size % d.group_size == 0,
+            f"train.batch_size={config.train.batch_size} must be a multiple of "
+            f"distill.group_size={d.group_size}",
+        ),
+        (
+            0.0 <= d.label_smoothing < 0.5,
+            f"distill.label_smoothing={d.label_smoothing} in [0, 0.5)",
+        ),
+        (
+            0.0 < d.tau_min < d.tau_max < 1.0,
+            f"need 0 < distill.tau_min={d.tau_min} < distill.tau_max={d.tau_max} < 1",
+        ),
+        (d.tau_a > 0 and d.tau_b > 0, "distill.tau_a and distill.tau_b must be > 0"),
+        (d.critic_steps >= 0, f"distill.critic_steps={d.critic_steps} must be >= 0"),
+        (
+            0 <= d.disc_trainable_blocks <= depth,
+            f"distill.disc_trainable_blocks={d.disc_trainable_blocks} must be in [0, {depth}]",
+        ),
+        (
+            d.kl_weight >= 0 and d.entropy_weight >= 0,
+            "distill.kl_weight and distill.entropy_weight must be >= 0 (0 disables)",
+        ),
+        (d.teacher_sample_steps >= 1, "distill.teacher_sample_steps must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"bad DiDi-Instruct config: config.{message}")
+
+
+def make_method(config) -> Method:
+    """Builds the DiDi-Instruct `Method` for a `configs/synthetic_didi.py` config."""
+    if not config.teacher.path:
+        raise ValueError(
+            "config.teacher.path is empty: point it at a teacher_params.msgpack written by "
+            "configs/synthetic_mdlm.py (python -m didistill.main --config=configs/"
+            "synthetic_mdlm.py:LANGUAGE --workdir=DIR)"
+        )
+    net, teacher_params, meta = load_teacher_denoiser(config.teacher.path)
+    validate(config, net.depth)
+    d, ecfg = config.distill, config.eval
+    lang = text.get_language(config.data.language)
+    length, mask_id = config.data.length, net.vocab_size
+    if lang.vocab_size != net.vocab_size or length > net.max_length:
+        raise ValueError(
+            f"config.data (language {config.data.language!r}, V={lang.vocab_size}, length "
+            f"{length}) does not fit the teacher (V={net.vocab_size}, max_length "
+            f"{net.max_length}); use the language and length the teacher was trained on"
+        )
+    dcfg = meta.get("diffusion", {})
+    schedule = masked.get_schedule(dcfg.get("schedule", "loglinear"), dcfg.get("eps", 1e-3))
+    batch_size, group = config.train.batch_size, d.group_size
+    k_blocks = d.disc_trainable_blocks
+    block_names = [f"block{i}" for i in range(net.depth - k_blocks, net.depth)]
+    head = TokenHead(net.width)
+    opt_s = make_optimizer(config.optim_student)
+    opt_d = make_optimizer(config.optim_discriminator)
+    teacher_fn = logits_fn_of(net, teacher_params)
+    cache = not net.time_conditioning
+
+    def disc_logits(disc, z, t):  # per-token logits [B, L]
+        inner = dict(teacher_params["params"], **disc["blocks"])
+        _, hidden = net.apply({"params": inner}, z, t, return_hidden=1)  # [1, B, L, D]
+        if k_blocks == 0:
+            hidden = jax.lax.stop_gradient(hidden)
+        return head.apply(disc["head"], hidden[0])
+
+    def init(key):
+        blocks = {n: teacher_params["params"][n] for n in block_names}
+        head_params = head.init(key, jnp.zeros((1, length, net.width), jnp.float32))
+        disc = {"blocks": blocks, "head": head_params}
+        student = jax.tree.map(jnp.array, teacher_params)
+        return DiDiState(student, opt_s.init(student), student, disc, opt_d.init(disc))
+
+    def sample_tau(key, n):  # [n] in [tau_min, tau_max]
+        tau = jax.random.beta(key, d.tau_a, d.tau_b, (n,))
+        return jnp.clip(tau, d.tau_min, d.tau_max)
+
+    def trajectory(params, key, tau):
+        """m -> (z_tau ->) x; returns x [B, L], path log-prob [B], per-step (z, logits)."""
+        n = tau.shape[0]
+        fn = logits_fn_of(net, params)
+        ones, zeros = jnp.ones((n,)), jnp.zeros((n,))
+        times = [ones, tau, zeros] if d.score_decomposition else [ones, zeros]  # t_0 > ... > 0
+        z = masked.all_masked(n, length, mask_id)
+        log_q, steps = jnp.zeros((n,)), []
+        for i, k in enumerate(jax.random.split(key, len(times) - 1)):
+            t, s = times[i], times[i + 1]
+            logits = fn(z, t)  # [B, L, V + 1]
+            log_probs = masked.subs_log_probs(logits, z)
+            z_next = masked.ancestral_step(k, jax.lax.stop_gradient(log_probs), z, t, s, schedule)
+            if d.logprob_mode == "revealed":
+                log_q = log_q + masked.revealed_log_prob(log_probs, z, z_next)
+            else:
+                log_q = log_q + masked.transition_log_prob(log_probs, z, z_next, t, s, schedule)
+            steps.append((z, t, logits))
+            z = z_next
+        return z, log_q, steps
+
+    def real_samples(key, data_tokens):  # [B, L]
+        if d.real == "data":
+            return data_tokens
+        tokens, _ = masked.ancestral_sample(
+            teacher_fn, key, masked.all_masked(batch_size, length, mask_id), schedule,
+            d.teacher_sample_steps, cache=cache,
+        )  # fmt: skip
+        return tokens
+
+    def corrupt_times(key, tau):  # the time of the discriminator's (and reward's) corruption
+        if d.coupled_time:
+            return tau
+        return jax.random.uniform(key, tau.shape, minval=d.tau_min, maxval=d.tau_max)
+
+    def critic_update(state, data_tokens, key):
+        k_real, k_fake, k_tau, k_t, k_mr, k_mf = jax.random.split(key, 6)
+        real = real_samples(k_real, data_tokens)
+        tau = sample_tau(k_tau, batch_size)
+        fake, _, _ = trajectory(state.student, k_fake, tau)
+        t = corrupt_times(k_t, tau)
+        t_real = corrupt_times(jax.random.fold_in(k_t, 1), tau)
+        z_real = masked.forward_mask(k_mr, real, t_real, schedule, mask_id)  # [B, L]
+        z_fake = masked.forward_mask(k_mf, fake, t, schedule, mask_id)
+
+        def loss_fn(disc):
+            return losses.discriminator_loss(
+                disc_logits(disc, z_real, t_real), disc_logits(disc, z_fake, t),
+                z_real == mask_id, z_fake == mask_id, d.label_smoothing,
+            )  # fmt: skip
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.discriminator)
+        disc, disc_opt = apply_gradients(opt_d, state.discriminator, state.discriminator_opt, grads)
+        state = state.replace(discriminator=disc, discriminator_opt=disc_opt)
+        return state, {"discriminator_loss": loss}
+
+    def student_objective(params, state, key):
+        k_tau, k_traj, k_t, k_mask = jax.random.split(key, 4)
+        tau = sample_tau(k_tau, batch_size)
+        x, log_q, steps = trajectory(params, k_traj, tau)
+        t = corrupt_times(k_t, tau)
+        z = masked.forward_mask(k_mask, x, t, schedule, mask_id)
+        token_logits = disc_logits(state.discriminator, z, t)
+        reward = jax.lax.stop_gradient(
+            losses.sequence_reward(token_logits, z == mask_id, d.reward_clip)
+        )  # [B], estimates log q_teacher / q_student
+        adv = (
+            losses.grouped_normalize(reward, group, d.advantage_clip)
+            if d.reward_normalize
+            else reward
+        )
+        weight = losses.time_weight(schedule, t, d.time_weight)
+        if d.importance_weight:  # / pi(t): Beta(a, b) density (coupled) or uniform (ignores clamp)
+            log_pi = (
+                jax.scipy.stats.beta.logpdf(t, d.tau_a, d.tau_b)
+                if d.coupled_time
+                else -jnp.log(d.tau_max - d.tau_min) * jnp.ones_like(t)
+            )
+            weight = weight * jnp.exp(-log_pi)
+        pg = losses.policy_gradient_loss(adv, log_q, weight)
+        kl, ent = jnp.zeros(()), jnp.zeros(())
+        for z_step, t_step, logits in steps:
+            if d.kl_weight > 0:
+                teacher_logits = jax.lax.stop_gradient(teacher_fn(z_step, t_step))
+                kl = kl + losses.kl_to_teacher(logits, teacher_logits, z_step == mask_id)
+            if d.entropy_weight > 0:
+                ent = ent + losses.entropy(logits, z_step == mask_id)
+        total = losses.student_loss(pg, kl, ent, d.kl_weight, d.entropy_weight)
+        aux = {
+            "pg_loss": pg, "kl_to_teacher": kl, "entropy": ent, "reward_mean": jnp.mean(reward),
+            "reward_std": jnp.std(reward), "log_q_mean": jnp.mean(log_q),
+            "time_weight_mean": jnp.mean(weight),
+        }  # fmt: skip
+        return total, aux
+
+    def step(state, batch, key, step_index):
+        del step_index
+        k_critic, k_student = jax.random.split(key)
+        critic_metrics = {}
+        if d.critic_steps > 0:
+            data = jnp.swapaxes(batch["tokens"], 0, 1)  # [critic_steps, B, L]
+            keys = jax.random.split(k_critic, d.critic_steps)
+            state, critic_metrics = jax.lax.scan(
+                lambda s, inputs: critic_update(s, *inputs), state, (data, keys)
+            )
+        (loss, aux), grads = jax.value_and_grad(student_objective, has_aux=True)(
+            state.student, state, k_student
+        )
+        student, student_opt = apply_gradients(opt_s, state.student, state.student_opt, grads)
+        state = state.replace(
+            student=student,
+            student_opt=student_opt,
+            student_ema=ema_update(state.student_ema, student, config.ema_decay),
+        )
+        metrics = dict(aux, student_loss=loss, student_grad_norm=optax.tree.norm(grads))
+        metrics.update({k: jnp.mean(v) for k, v in critic_metrics.items()})
+        return state, metrics
+
+    def sample(params, key, num_steps):
+        fn = jax.jit(
+            lambda p, k, x: masked.ancestral_sample(
+                logits_fn_of(net, p), k, x, schedule, num_steps, cache=cache
+            )
+        )
+        chunks, nfe, n = [], 0, ecfg.num_samples
+        for i, start in enumerate(range(0, n, ecfg.batch_size)):
+            rows = min(ecfg.batch_size, n - start)
+            tokens, used = fn(
+                params, jax.random.fold_in(key, i), masked.all_masked(rows, length, mask_id)
+            )
+            chunks.append(np.asarray(tokens))
+            nfe = max(nfe, int(used))
+        return np.concatenate(chunks), nfe
+
+    def evaluate(state, key, workdir):
+        del workdir
+        judge = text_eval.exact_judge(lang, ecfg.judge_smoothing)
+        data = lang.sample(
+            np.random.default_rng([config.seed, 2**31 - 1]), ecfg.num_samples, length
+        )
+        results = {f"data/{k}": v for k, v in text_eval.sample_report(data, judge, 0, lang).items()}
+        models = {"student": jax.device_get(state.student_ema), "teacher": teacher_params}
+        for name, params in models.items():
+            for num_steps in ecfg.sample_steps:
+                tokens, nfe = sample(params, jax.random.fold_in(key, num_steps), num_steps)
+                report = text_eval.sample_report(tokens, judge, nfe, lang)
+                results.update({f"{name}/steps{num_steps}/{k}": v for k, v in report.items()})
+        results["source/gen_ppl"] = math.exp(lang.entropy_per_token(length))
+        return results
+
+    def batches(start_step):
+        local = batch_size // jax.process_count()
+        rows = max(d.critic_steps, 1)
+        for b in text.batches(
+            lang, config.seed, local * rows, length, start_step, jax.process_index()
+        ):
+            yield {"tokens": b["tokens"].reshape(local, rows, length)}  # [B, critic_steps, L]
+
+    return Method(
+        init=init, step=step, evaluate=evaluate, batches=batches, global_batch_size=batch_size
+    )
+
+
+__all__ = ["DiDiState", "TokenHead", "make_method", "validate"]

@@ -1,0 +1,187 @@
+"""The pieces of one-step distillation of an EDM U-Net teacher on images.
+
+`build(config)` returns the `OneStepParts` bundle that `one_step.make_method` uses (selected by
+`config.data.kind = 'images'`; configs `digits_distill.py`, `cifar10_distill.py`,
+`imagenet64_distill.py`):
+
+- teacher: the frozen `UNetDenoiser` of `config.teacher.checkpoint`, a `convert_edm.save_unet`
+  file (a converted EDM DDPM++ network, or a teacher of `configs/digits_teacher.py`);
+- generator: G(z, y) = D_theta(sigma_g z; sigma_g, y), z ~ N(0, I) [B, H, W, C], with
+  sigma_g = `config.generator.sigma` (80 = sigma_max in DMD2 / FastGen, 2.5 in SiD /
+  Uni-Instruct), initialised from the teacher (`generator.init = 'scratch'`: random);
+  class labels y ~ U{0..K-1} when the teacher is class-conditional (K = label_dim > 0),
+  returned as `cond`; None for an unconditional teacher;
+- fake score: the same architecture, initialised from the teacher;
+- discriminator: a `ConvHead` on the *teacher's* encoder features at
+  `config.discriminator.resolutions` (only the head trains: f-distill / FastGen). Gradients
+  still flow through the frozen teacher into the input image, for the generator's GAN loss;
+- batches: {'x': [B, critic_steps, H, W, C], 'label': [B, critic_steps]} from
+  `images.image_batches` (the label only for a conditional teacher);
+- evaluate: `samples.png` (student, 1 NFE) and `teacher_samples.png` (Heun at
+  `config.eval.teacher_nfe`), with the pixel std of both; and, if `config.eval.feature_checkpoint`
+  names an existing digits classifier, the feature FID of both against the test split
+  (`image_teacher.make_feature_fid`). There is no Inception FID here yet: CIFAR-10 and
+  ImageNet-64 runs report no FID.
+There are no exact densities: `exact_*` are None.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from didistill.diffusion import edm
+from didistill.distill import image_teacher
+from didistill.distill.parts import OneStepParts
+from didistill.nets.convert_edm import load_unet
+from didistill.nets.unet import ConvHead
+
+
+def load_teacher_unet(path: str):
+    """(net, variables, image shape (H, W, C)) of a `save_unet` file, with a helpful error."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"config.teacher.checkpoint={path!r} does not exist. For digits train a teacher "
+            "(python -m didistill.main --config=configs/digits_teacher.py --workdir=DIR, which "
+            "writes DIR/teacher.msgpack; see assets/README.md); for CIFAR-10 convert EDM's "
+            "weights with python -m didistill.nets.convert_edm (see its docstring). Run from "
+            "the repository root or pass --config.teacher.checkpoint=PATH."
+        )
+    net, variables, meta = load_unet(path)
+    cfg = meta["net"]
+    res = int(cfg.get("img_resolution", 32))
+    return net, variables, (res, res, int(cfg.get("img_channels", 3)))
+
+
+def _check_data(data, image_shape, num_classes):
+    shape = tuple(data.image_shape if hasattr(data, "image_shape") else data["image"].shape[1:])
+    if shape != tuple(image_shape):
+        raise ValueError(
+            f"the data's images are {shape} but the teacher makes {tuple(image_shape)}; set "
+            "config.data.resolution (or another config.teacher.checkpoint)"
+        )
+    labels = None if hasattr(data, "image_shape") else data["label"]
+    if num_classes and labels is not None and int(np.max(labels)) >= num_classes:
+        raise ValueError(f"data labels reach {int(np.max(labels))} >= label_dim {num_classes}")
+
+
+def build(config) -> OneStepParts:
+    """`OneStepParts` for one-step distillation of an image U-Net teacher (see the module)."""
+    net, teacher_vars, image_shape = load_teacher_unet(config.teacher.checkpoint)
+    num_classes = int(net.label_dim)
+    d, g_cfg, disc_cfg = config.distill, config.generator, config.discriminator
+    sigma_g = float(g_cfg.sigma)
+    head = ConvHead(
+        resolutions=tuple(disc_cfg.resolutions),
+        width=disc_cfg.width,
+        num_layers=disc_cfg.num_layers,
+    )
+
+    def denoise(params, x, sigma, cond=None):  # [B, H, W, C], [B], [B] or None
+        return net.apply(params, x, sigma, cond)
+
+    def teacher_denoise(x, sigma, cond=None):
+        return net.apply(teacher_vars, x, sigma, cond)
+
+    def disc_logit(params, x, sigma, cond=None):  # -> [B]
+        _, feats = net.apply(teacher_vars, x, sigma, cond, features=True)  # {r: [B, r, r, C]}
+        return head.apply(params, {r: feats[r] for r in disc_cfg.resolutions})
+
+    def generate_from(params, z, labels):  # z [n, H, W, C], labels [n] or None -> x0
+        n = z.shape[0]
+        return net.apply(params, sigma_g * z, jnp.full((n,), sigma_g), labels)
+
+    def generate(params, key, n):  # -> (x0 [n, H, W, C], labels [n] or None)
+        k_z, k_y = jax.random.split(key)
+        z = jax.random.normal(k_z, (n, *image_shape))
+        labels = jax.random.randint(k_y, (n,), 0, num_classes) if num_classes else None
+        return generate_from(params, z, labels), labels
+
+    def init_params(key):
+        k_g, k_h = jax.random.split(key)
+        x = jnp.zeros((1, *image_shape))
+        labels = jnp.zeros((1,), jnp.int32) if num_classes else None
+        if g_cfg.init == "teacher":
+            generator = teacher_vars
+        elif g_cfg.init == "scratch":
+            generator = net.init(k_g, x, jnp.ones((1,)), labels)
+        else:
+            raise ValueError(f"config.generator.init={g_cfg.init!r} is not 'teacher' or 'scratch'")
+        feats = jax.eval_shape(
+            lambda: net.apply(teacher_vars, x, jnp.ones((1,)), labels, features=True)[1]
+        )
+        missing = sorted(set(disc_cfg.resolutions) - set(feats))
+        if missing:
+            raise ValueError(
+                f"config.discriminator.resolutions has {missing}, but the teacher's encoder has "
+                f"features at {sorted(feats)}"
+            )
+        zeros = {r: jnp.zeros(feats[r].shape, feats[r].dtype) for r in disc_cfg.resolutions}
+        return generator, teacher_vars, head.init(k_h, zeros)
+
+    def batches(start_step):
+        from didistill.data import images
+
+        per_process = config.train.batch_size // jax.process_count()
+        k = max(d.critic_steps, 1)
+        data = image_teacher.load_train_arrays(config.data)
+        _check_data(data, image_shape, num_classes)
+        stream = images.image_batches(
+            data, config.seed, per_process * k, start_step, jax.process_index()
+        )
+        for batch in stream:
+            out = {"x": batch["image"].reshape(per_process, k, *image_shape)}
+            if num_classes:
+                out["label"] = batch["label"].reshape(per_process, k)
+            yield out
+
+    sample_student = jax.jit(generate_from)
+    heun_steps = edm.heun_steps_for_nfe(config.eval.teacher_nfe)
+    sample_teacher = jax.jit(
+        lambda z, labels: edm.heun_sample(lambda x, s: teacher_denoise(x, s, labels), z, heun_steps)
+    )
+
+    def evaluate(params, key, workdir):
+        n, chunk = config.eval.num_samples, config.eval.batch_size
+        labels = np.arange(n) % num_classes if num_classes else None  # classes in turn
+        z = np.asarray(jax.random.normal(key, (n, *image_shape)))
+        student, teacher = [], []
+        for s in range(0, n, chunk):
+            lab = None if labels is None else jnp.asarray(labels[s : s + chunk])
+            student.append(np.asarray(sample_student(params, z[s : s + chunk], lab)))
+            teacher.append(np.asarray(sample_teacher(z[s : s + chunk], lab)))
+        samples = {"student": np.concatenate(student), "teacher": np.concatenate(teacher)}
+        results = {"student/nfe": 1, "teacher/nfe": edm.heun_nfe(heun_steps)}
+        fid_fn = image_teacher.make_feature_fid(config)
+        for name, x in samples.items():
+            results[f"{name}/pixel_std"] = float(x.std())
+            if fid_fn is not None:
+                results[f"{name}/feature_fid"] = fid_fn(x)
+        if jax.process_index() == 0:
+            cols = num_classes if 0 < num_classes <= 20 else None
+            for name, file in (("student", "samples.png"), ("teacher", "teacher_samples.png")):
+                grid = samples[name][: min(n, 10 * (cols or 10))]
+                image_teacher.save_image_grid(grid, os.path.join(workdir, file), cols)
+        return results
+
+    grid = np.asarray(edm.karras_sigmas(d.num_sigmas, d.sigma_min, d.sigma_max))[: d.num_sigmas]
+    return OneStepParts(
+        sigma_data=float(net.sigma_data),
+        sigma_grid=grid,
+        batch_size=config.train.batch_size,
+        init_params=init_params,
+        generate=generate,
+        denoise=denoise,
+        teacher_denoise=teacher_denoise,
+        disc_logit=disc_logit,
+        exact_student_denoiser=None,
+        exact_log_ratio=None,
+        batches=batches,
+        evaluate=evaluate,
+    )
+
+
+__all__ = ["build", "load_teacher_unet"]

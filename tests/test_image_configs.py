@@ -1,0 +1,85 @@
+"""Image distillation configs: every arg parses, and the CIFAR-10 / ImageNet-64 smoke configs
+run two jitted steps with a tiny random teacher of their resolution on random data."""
+
+import os
+
+import numpy as np
+import pytest
+
+from configs import cifar10_distill, digits_distill, digits_teacher, imagenet64_distill
+from didistill.distill import one_step
+
+ARGS = (
+    "",
+    "jensen_shannon",
+    "forward_kl",
+    "dmd2",
+    "diff_instruct",
+    "sid",
+    "uni_instruct",
+    "uni_instruct,forward_kl",
+    "squared_hellinger,scratch",
+    "dmd2,smoke",
+)
+
+
+@pytest.mark.parametrize("module", [digits_distill, cifar10_distill, imagenet64_distill])
+@pytest.mark.parametrize("arg", ARGS)
+def test_every_arg_parses_and_validates(module, arg):
+    config = module.get_config(arg)
+    one_step.validate(config)
+    assert config.data.kind == "images"
+    assert config.train.batch_size % 4 == 0
+    assert config.generator.sigma in (2.5, 80.0)
+    if "smoke" in arg:
+        assert config.train.batch_size <= 8 and config.eval.num_samples <= 8
+
+
+def test_published_settings():
+    cifar = cifar10_distill.get_config()
+    assert (cifar.method, cifar.distill.divergence) == ("f_distill", "forward_kl")
+    assert cifar.train.batch_size == 2048 and cifar.distill.critic_steps == 5
+    assert cifar.distill.gan_weight == 1e-3 and cifar.optim_generator.learning_rate == 1e-4
+    assert tuple(cifar.discriminator.resolutions) == (32, 16, 8)
+    imnet = imagenet64_distill.get_config()
+    assert imnet.distill.divergence == "jensen_shannon" and imnet.distill.ratio_ema_rate == 0.5
+    assert imnet.train.batch_size == 512 and imnet.distill.gan_weight == 3e-3
+    assert imnet.optim_generator.learning_rate == 2e-6
+    assert imagenet64_distill.get_config("dmd2").train.batch_size == 280
+    sid = cifar10_distill.get_config("sid")
+    assert sid.generator.sigma == 2.5 and sid.distill.gan_weight == 0.0
+
+
+def test_bad_arg_names_the_choices():
+    with pytest.raises(ValueError, match="not a method"):
+        cifar10_distill.get_config("nonsense")
+    digits_teacher.get_config("smoke")
+
+
+FULL = os.environ.get("DIDISTILL_SLOW_TESTS") == "1"  # the configs' real discriminator levels
+
+
+@pytest.mark.parametrize(
+    "module,resolution,label_dim", [(cifar10_distill, 32, 10), (imagenet64_distill, 64, 1000)]
+)
+def test_smoke_config_runs_two_steps(module, resolution, label_dim, tmp_path, monkeypatch):
+    """Two steps at the dataset's image size and label count. By default the tiny teacher has
+    one U-Net level (compiling a deeper one costs minutes on a loaded CPU), so the head reads
+    its only feature map; DIDISTILL_SLOW_TESTS=1 uses levels down to 8x8 and the config's
+    discriminator resolutions."""
+    from didistill.distill import image_teacher
+    from tests.test_one_step_images import random_data, run_two_steps, save_tiny_teacher
+
+    levels = int(np.log2(resolution // 8)) + 1 if FULL else 1
+    teacher = save_tiny_teacher(
+        tmp_path / "t.msgpack", resolution, 3, label_dim, channel_mult=(1,) * levels
+    )
+    data = random_data((resolution, resolution, 3), label_dim)
+    monkeypatch.setattr(image_teacher, "load_train_arrays", lambda cfg, split="train": data)
+    config = module.get_config("dmd2,smoke")
+    config.teacher.checkpoint = teacher
+    if not FULL:
+        config.discriminator.resolutions = (resolution,)
+    _, _, batch = run_two_steps(config)
+    assert batch["x"].shape == (4, 1, resolution, resolution, 3)
+    assert batch["label"].shape == (4, 1) and np.all(batch["label"] < label_dim)
