@@ -41,8 +41,9 @@ def bench_steps(batch, repeats):
         state = method.init(jax.random.key(0))
         data = next(method.batches(0))
         step = jax.jit(method.step)
+        key, index = jax.random.key(1), jnp.int32(0)
         seconds = _seconds_per_call(
-            lambda s: step(s, data, jax.random.key(1), jnp.int32(0))[0], state, repeats=repeats
+            lambda s, b, k, i, f=step: f(s, b, k, i)[0], state, data, key, index, repeats=repeats
         )
         rows[arg] = {"steps_per_s": 1.0 / seconds, "critic_steps": config.distill.critic_steps}
     return rows
@@ -55,7 +56,9 @@ def bench_sampling(batch, repeats):
     student = jax.jit(lambda key: parts.generate(generator, key, batch))
     steps = edm.heun_steps_for_nfe(config.eval.teacher_nfe)
     teacher = jax.jit(
-        lambda key: edm.heun_sample(parts.teacher_denoise, jax.random.normal(key, (batch, 2)), steps)
+        lambda key: edm.heun_sample(
+            parts.teacher_denoise, jax.random.normal(key, (batch, 2)), steps
+        )
     )
     key = jax.random.key(2)
     t_student = _seconds_per_call(student, key, repeats=repeats)
@@ -83,7 +86,9 @@ def main():
         print(f"| {arg} | {row['critic_steps']} | {row['steps_per_s']:.1f} |")
     sampling = bench_sampling(args.batch, args.repeats)
     print(f"\n| sampler (batch {args.batch}) | NFE | samples/s |\n|---|---|---|")
-    print(f"| teacher, Heun | {sampling['teacher_nfe']} | {sampling['teacher_samples_per_s']:.0f} |")
+    print(
+        f"| teacher, Heun | {sampling['teacher_nfe']} | {sampling['teacher_samples_per_s']:.0f} |"
+    )
     print(f"| one-step student | 1 | {sampling['student_samples_per_s']:.0f} |")
     print(f"\nstudent speed-up over the teacher at equal batch: {sampling['speedup']:.1f}x")
     if args.json:

@@ -19,7 +19,7 @@ import ml_collections
 from configs import base, digits_classifier
 from didistill.distill.kd import KD_DIVERGENCES
 
-METHOD = "didistill.distill.kd:make_kd_method"
+METHOD = "kd"  # didistill.distill.kd:make_kd_method
 TEACHER_CHECKPOINT = "assets/digits/classifier_teacher.msgpack"
 # Published defaults where there is one: DistiLLM skew 0.1, GKD beta 0.5, ABKD's CIFAR setting
 # (alpha 0.8, alpha + beta = 1.1), BD-KD weights 3 / 1, SinKD eps 0.1 with 20 iterations.

@@ -18,6 +18,8 @@ METHODS: dict[str, str] = {
     "edm_teacher": "didistill.distill.teacher:make_method",
     "mdlm_teacher": "didistill.distill.mdlm_teacher:make_method",
     "didi_instruct": "didistill.distill.didi:make_method",
+    "classifier": "didistill.distill.kd:make_classifier_method",
+    "kd": "didistill.distill.kd:make_kd_method",
     **{
         name: "didistill.distill.one_step:make_method"
         for name in ("f_distill", "dmd2", "diff_instruct", "sid", "uni_instruct")

@@ -43,7 +43,6 @@ agreement with the teacher. The classifier method writes `workdir/classifier_par
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -61,6 +60,7 @@ from didistill.divergences.transport import sinkd_loss
 from didistill.nets.classifier import Classifier, make_classifier, num_params
 from didistill.train.method import Method
 from didistill.train.optim import apply_gradients, ema_update, make_optimizer
+from didistill.train.params_io import load_params, save_params
 
 CLASSIFIER_FILE = "classifier_params.msgpack"
 _FORMAT = "didistill.classifier/1"
@@ -158,41 +158,22 @@ def classification_metrics(logits, labels, num_bins: int = 15) -> dict[str, floa
 
 def save_classifier(path: str, params, meta: Mapping[str, Any]) -> str:
     """Writes classifier params and JSON-serialisable `meta` (with the 'net' config block) to
-    one flax msgpack file, atomically (written to `path.tmp`, then renamed)."""
+    one file, atomically (`didistill.train.params_io`)."""
     if "net" not in meta:
         raise ValueError("save_classifier: meta must hold the 'net' config of the classifier")
-    payload = {
-        "format": _FORMAT,
-        "meta": json.dumps(dict(meta), sort_keys=True),
-        "params": flax.serialization.to_state_dict(jax.device_get(params)),
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(f"{path}.tmp", "wb") as f:
-        f.write(flax.serialization.msgpack_serialize(payload))
-    os.replace(f"{path}.tmp", path)
-    return path
+    return save_params(path, params, meta, _FORMAT)
 
 
 def load_classifier(path: str) -> tuple[Classifier, Any, dict[str, Any]]:
     """(module, params, meta) of a file written by `save_classifier`:
     logits = module.apply(params, images). FileNotFoundError / ValueError say what to do."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"no classifier params at {path}. Train one with: {_TRAIN_TEACHER} --workdir=DIR "
-            f"(it writes DIR/{CLASSIFIER_FILE})."
-        )
+    how = f"Train one with: {_TRAIN_TEACHER} --workdir=DIR (it writes DIR/{CLASSIFIER_FILE})."
+    params, meta = load_params(path, _FORMAT, "classifier", how)
     try:
-        with open(path, "rb") as f:
-            payload = flax.serialization.msgpack_restore(f.read())
-        if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-            raise ValueError(f"missing the {_FORMAT!r} format tag")
-        meta = json.loads(payload["meta"])
         module = make_classifier(meta["net"])
-        params = jax.tree.map(jnp.asarray, payload["params"])
-    except Exception as err:  # msgpack, json, key and config errors all mean the same here
+    except Exception as err:
         raise ValueError(
-            f"{path} is not a readable classifier file ({type(err).__name__}: {err}). Re-create "
-            f"it: {_TRAIN_TEACHER} --workdir=DIR."
+            f"{path} is not a readable classifier file (bad 'net' meta: {err})"
         ) from err
     return module, params, meta
 

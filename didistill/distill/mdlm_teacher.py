@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import itertools
-import json
 import logging
 import math
 import os
@@ -48,6 +47,7 @@ from didistill.eval import text as text_eval
 from didistill.nets.dit import DiT
 from didistill.train.method import Method
 from didistill.train.optim import apply_gradients, ema_update, make_optimizer
+from didistill.train.params_io import load_params, save_params
 
 TEACHER_FILE = "teacher_params.msgpack"
 _FORMAT = "didistill.mdlm_teacher/1"
@@ -83,40 +83,20 @@ def logits_fn_of(net: DiT, params) -> masked.LogitsFn:
     return lambda xt, t: net.apply(params, xt, t)
 
 
+_HOW_TO_CREATE = (
+    "Train one: python -m didistill.main --config=configs/synthetic_mdlm.py:markov "
+    f"--workdir=DIR (writes DIR/{TEACHER_FILE})."
+)
+
+
 def save_teacher(path: str, params, meta: Mapping[str, Any]) -> str:
-    """Writes params and JSON-serialisable meta to one msgpack file, atomically (temp + rename)."""
-    payload = {
-        "format": _FORMAT,
-        "meta": json.dumps(dict(meta), sort_keys=True),
-        "params": flax.serialization.to_state_dict(jax.device_get(params)),
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(f"{path}.tmp", "wb") as f:
-        f.write(flax.serialization.msgpack_serialize(payload))
-    os.replace(f"{path}.tmp", path)
-    return path
+    """Writes teacher params and JSON-serialisable meta to one file, atomically."""
+    return save_params(path, params, meta, _FORMAT)
 
 
 def load_teacher(path: str) -> tuple[Any, dict[str, Any]]:
     """(params, meta) of a file written by `save_teacher`; clear errors when missing/corrupt."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"no MDLM teacher params at {path}. Train one first: python -m didistill.main "
-            f"--config=configs/synthetic_mdlm.py:markov --workdir=DIR (writes DIR/{TEACHER_FILE})."
-        )
-    try:
-        with open(path, "rb") as f:
-            payload = flax.serialization.msgpack_restore(f.read())
-        if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-            raise ValueError(f"missing the {_FORMAT!r} format tag")
-        meta = json.loads(payload["meta"])
-        params = jax.tree.map(jnp.asarray, payload["params"])
-    except Exception as err:  # msgpack, json and key errors all mean the same to the user
-        raise ValueError(
-            f"{path} is not a readable MDLM teacher file ({type(err).__name__}: {err}). "
-            "Re-create it by training the teacher again (configs/synthetic_mdlm.py)."
-        ) from err
-    return params, meta
+    return load_params(path, _FORMAT, "MDLM teacher", _HOW_TO_CREATE)
 
 
 def load_teacher_denoiser(path: str) -> tuple[DiT, Any, dict[str, Any]]:

@@ -20,7 +20,6 @@ exact mixture denoiser; reports `toy_metrics` of both and of true samples; write
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -39,6 +38,7 @@ from didistill.eval.toy import toy_metrics
 from didistill.nets.mlp import MLPDenoiser
 from didistill.train.method import Method
 from didistill.train.optim import apply_gradients, ema_update, make_optimizer
+from didistill.train.params_io import load_params, save_params
 
 TEACHER_FILE = "teacher_params.msgpack"
 _FORMAT = "didistill.teacher/1"
@@ -61,42 +61,20 @@ def make_denoiser(net_cfg: Mapping[str, Any]) -> MLPDenoiser:
     )
 
 
+_HOW_TO_CREATE = (
+    "Train one: python -m didistill.main --config=configs/toy_teacher.py:ring8 "
+    f"--workdir=DIR (writes DIR/{TEACHER_FILE})."
+)
+
+
 def save_teacher(path: str, params, meta: Mapping[str, Any]) -> str:
-    """Writes teacher params and JSON-serialisable `meta` to one msgpack file, atomically (a
-    temporary file renamed over `path`, so an interrupted write never leaves a broken file)."""
-    payload = {
-        "format": _FORMAT,
-        "meta": json.dumps(dict(meta), sort_keys=True),
-        "params": flax.serialization.to_state_dict(jax.device_get(params)),
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(flax.serialization.msgpack_serialize(payload))
-    os.replace(tmp, path)
-    return path
+    """Writes teacher params and JSON-serialisable meta to one file, atomically."""
+    return save_params(path, params, meta, _FORMAT)
 
 
 def load_teacher(path: str) -> tuple[Any, dict[str, Any]]:
-    """Reads a file written by `save_teacher`; returns (params as jnp arrays, meta dict)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"no teacher params at {path}. Train a toy teacher first: python -m didistill.main "
-            f"--config=configs/toy_teacher.py:ring8 --workdir=DIR (writes DIR/{TEACHER_FILE})."
-        )
-    try:
-        with open(path, "rb") as f:
-            payload = flax.serialization.msgpack_restore(f.read())
-        if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-            raise ValueError(f"missing the {_FORMAT!r} format tag")
-        meta = json.loads(payload["meta"])
-        params = jax.tree.map(jnp.asarray, payload["params"])
-    except Exception as err:  # msgpack, json and key errors all mean the same to the user
-        raise ValueError(
-            f"{path} is not a readable teacher file ({type(err).__name__}: {err}). Re-create it "
-            "by training the teacher again (configs/toy_teacher.py)."
-        ) from err
-    return params, meta
+    """(params, meta) of a file written by `save_teacher`; clear errors when missing/corrupt."""
+    return load_params(path, _FORMAT, "teacher", _HOW_TO_CREATE)
 
 
 def load_teacher_denoiser(path: str) -> tuple[MLPDenoiser, Any, dict[str, Any]]:
