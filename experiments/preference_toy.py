@@ -1,9 +1,10 @@
 """Preference-alignment toys on enumerable response spaces: f-DPO, f-DPG and DPH-RL.
 
-    .venv/bin/python experiments/preference_toy.py [--quick] [--out runs/preference_toy]
+    python -m experiments.preference_toy [--quick] [--out runs/preference_toy]
 
 Every quantity is exact (enumerated) except where a method is defined by sampling. Writes
-`<out>/results.md` and `<out>/results.json`; runs in well under a minute on one CPU core.
+`<out>/results.md`, `<out>/results.json` and `<out>/fdpo_tradeoff.png`; runs in well under a
+minute on one CPU core.
 
 1. f-DPO recovers the f-regularised optimum. One prompt, K responses, reference policy ref,
    reward r, Bradley-Terry preferences P(y1 > y2) = sigmoid(r1 - r2). The population f-DPO
@@ -34,6 +35,7 @@ import numpy as np
 import optax
 
 from didistill.divergences import alignment, f_divergences
+from didistill.eval import plots
 
 FDPO_DIVERGENCES = (
     ("reverse_kl", {}),
@@ -276,6 +278,16 @@ def main(argv=None):
     )
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(report)
+    plots.save_line_plot(
+        {
+            row["divergence"]: ([row["entropy"]], [row["expected_reward"]])
+            for row in results["fdpo"]
+        },
+        os.path.join(args.out, "fdpo_tradeoff.png"),
+        title="f-DPO optimum: reward against diversity",
+        xlabel="policy entropy (nats)",
+        ylabel="expected reward",
+    )
     print(report)
     return results
 

@@ -62,7 +62,7 @@ def make_denoiser(net_cfg: Mapping[str, Any]) -> MLPDenoiser:
 
 
 _HOW_TO_CREATE = (
-    "Train one: python -m didistill.main --config=configs/toy_teacher.py:ring8 "
+    "Train one first: python -m didistill.main --config=configs/toy_teacher.py:ring8 "
     f"--workdir=DIR (writes DIR/{TEACHER_FILE})."
 )
 
