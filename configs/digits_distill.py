@@ -15,33 +15,15 @@ configs start from it and set the published hyperparameters).
 
 import ml_collections
 
-from configs import base
-from didistill import divergences
+from configs import base, one_step_common
 
-METHODS = ("f_distill", "dmd2", "diff_instruct", "sid", "uni_instruct")
+METHODS = one_step_common.METHODS
 FLAGS = ("smoke", "scratch")
-_GAN_METHODS = ("f_distill", "dmd2", "uni_instruct")
 
 
 def parse(arg, default_divergence="jensen_shannon", name="digits_distill"):
     """'method,divergence,flag,...' -> (method, divergence, flags); any order, all optional."""
-    tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
-    method, divergence, flags = "f_distill", None, set()
-    for token in tokens:
-        if token in METHODS:
-            method = token
-        elif token in divergences.names():
-            divergence = token
-        elif token in FLAGS:
-            flags.add(token)
-        else:
-            raise ValueError(
-                f"{name} config arg token {token!r} is not a method {METHODS}, a divergence "
-                f"{divergences.names()} or a flag {FLAGS}"
-            )
-    if divergence is None:
-        divergence = default_divergence if method in ("f_distill", "uni_instruct") else "reverse_kl"
-    return method, divergence, flags
+    return one_step_common.parse(arg, FLAGS, default_divergence, name)
 
 
 def image_distill_config(method, divergence, flags):
@@ -63,32 +45,10 @@ def image_distill_config(method, divergence, flags):
     config.discriminator = ml_collections.ConfigDict(
         dict(resolutions=(8, 4), width=64, num_layers=2)  # a ConvHead on teacher features
     )
-    config.distill = ml_collections.ConfigDict(
-        dict(
-            divergence=divergence,
-            divergence_params=ml_collections.ConfigDict(),
-            critic_steps=5,  # fake-score (and discriminator) updates per generator update
-            gan_weight=1e-3 if method in _GAN_METHODS else 0.0,
-            ratio="discriminator",
-            ratio_lower=0.1,
-            ratio_upper=20.0,
-            bin_normalize=True,
-            num_bins=10,
-            ratio_ema_rate=0.0,
-            normalize_weights=True,
-            time_weight="none" if method == "diff_instruct" else "dmd",
-            alpha={"sid": 1.2, "uni_instruct": 1.0}.get(method, 1.0),
-            num_sigmas=1000,
-            sigma_min=0.002,
-            sigma_max=80.0,
-            min_index=20,  # DMD2: indices [20, 980) of a 1000-point Karras grid
-            max_index=980,
-        )
+    config.distill = one_step_common.distill_block(
+        method, divergence, critic_steps=5, gan_weight=1e-3
     )
-    lr = 1e-4
-    config.optim_generator = base.optimizer(learning_rate=lr, b1=0.0, b2=0.99)
-    config.optim_fake_score = base.optimizer(learning_rate=lr, b1=0.0, b2=0.99)
-    config.optim_discriminator = base.optimizer(learning_rate=lr, b1=0.0, b2=0.99)
+    one_step_common.optimizers(config, learning_rate=1e-4, b1=0.0, b2=0.99)
     config.ema_decay = 0.999
     config.eval = ml_collections.ConfigDict(
         dict(

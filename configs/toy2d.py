@@ -13,35 +13,13 @@ The teacher is `assets/toy/ring8_teacher.msgpack`, trained by `configs/toy_teach
 
 import ml_collections
 
-from configs import base
-from didistill import divergences
+from configs import base, one_step_common
 
-_METHODS = ("f_distill", "dmd2", "diff_instruct", "sid", "uni_instruct")
-_FLAGS = ("smoke", "scratch", "exact")
-
-
-def _parse(arg):
-    tokens = [t.strip() for t in (arg or "jensen_shannon").split(",") if t.strip()]
-    method, divergence, flags = "f_distill", None, set()
-    for token in tokens:
-        if token in _METHODS:
-            method = token
-        elif token in divergences.names():
-            divergence = token
-        elif token in _FLAGS:
-            flags.add(token)
-        else:
-            raise ValueError(
-                f"toy2d config arg token {token!r} is not a method {_METHODS}, a divergence "
-                f"{divergences.names()} or a flag {_FLAGS}"
-            )
-    if divergence is None:
-        divergence = "jensen_shannon" if method in ("f_distill", "uni_instruct") else "reverse_kl"
-    return method, divergence, flags
+FLAGS = ("smoke", "scratch", "exact")
 
 
 def get_config(arg=None):
-    method, divergence, flags = _parse(arg)
+    method, divergence, flags = one_step_common.parse(arg or "jensen_shannon", FLAGS, name="toy2d")
     config = base.get_config()
     config.method = method
     config.data = ml_collections.ConfigDict(dict(toy="ring8"))
@@ -52,32 +30,10 @@ def get_config(arg=None):
     config.discriminator = ml_collections.ConfigDict(
         dict(features="teacher", width=128, depth=2, head_width=128)
     )
-    config.distill = ml_collections.ConfigDict(
-        dict(
-            divergence=divergence,
-            divergence_params=ml_collections.ConfigDict(),
-            critic_steps=3,  # fake-score and discriminator updates per generator update
-            gan_weight=1e-2 if method in ("f_distill", "dmd2", "uni_instruct") else 0.0,
-            ratio="discriminator",
-            ratio_lower=0.1,
-            ratio_upper=20.0,
-            bin_normalize=True,
-            num_bins=10,
-            ratio_ema_rate=0.0,
-            normalize_weights=True,
-            time_weight="none" if method == "diff_instruct" else "dmd",
-            alpha={"sid": 1.2, "uni_instruct": 1.0}.get(method, 1.0),
-            num_sigmas=1000,
-            sigma_min=0.002,
-            sigma_max=80.0,
-            min_index=20,
-            max_index=980,
-        )
+    config.distill = one_step_common.distill_block(
+        method, divergence, critic_steps=3, gan_weight=1e-2
     )
-    lr = 5e-4
-    config.optim_generator = base.optimizer(learning_rate=lr, b1=0.0, b2=0.99)
-    config.optim_fake_score = base.optimizer(learning_rate=lr, b1=0.0, b2=0.99)
-    config.optim_discriminator = base.optimizer(learning_rate=lr, b1=0.0, b2=0.99)
+    one_step_common.optimizers(config, learning_rate=5e-4, b1=0.0, b2=0.99)
     config.ema_decay = 0.99
     config.eval = ml_collections.ConfigDict(dict(num_samples=4000, teacher_nfe=35))
     config.train.num_steps = 1000
