@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import numpy as np
+
+from configs import toy2d  # run from the repository root (`make demo`)
+from didistill.data import toy
+from didistill.distill import get_method
+from didistill.eval import plots
+from didistill.train.loop import train
 
 DEFAULT_METHODS = ("dmd2", "forward_kl", "jensen_shannon", "uni_instruct,forward_kl")
 COLUMNS = (
@@ -28,9 +33,6 @@ COLUMNS = (
 
 
 def _config(entry: str, quick: bool):
-    sys.path.insert(0, os.getcwd())
-    from configs import toy2d
-
     config = toy2d.get_config(entry)
     if quick:
         config.train.num_steps = 300
@@ -47,10 +49,6 @@ def _row(label, nfe, metrics, prefix):
 
 
 def run(workdir: str, entries, quick: bool) -> str:
-    from didistill.distill import get_method
-    from didistill.eval import plots
-    from didistill.train.loop import train
-
     results, samples = {}, {}
     for entry in entries:
         config = _config(entry, quick)
@@ -69,8 +67,6 @@ def run(workdir: str, entries, quick: bool) -> str:
     for entry in entries:
         lines.append(_row(entry, 1, results[entry], "student"))
     table = "\n".join(lines)
-    from didistill.data import toy
-
     mixture = toy.get_toy(_config(entries[0], quick).data.toy)
     panels = {"teacher (35 NFE)": samples.pop("teacher")}
     panels.update({f"{entry} (1 NFE)": s for entry, s in samples.items()})

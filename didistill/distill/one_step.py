@@ -180,15 +180,14 @@ def make_method(config) -> Method:
         x0, cond = parts.generate(g_params, k_gen, parts.batch_size)
         x0 = shard_batch(x0)
         xt, sigma, bins = noised(k_noise, x0)
-        if exact:
-            d_fake = parts.exact_student_denoiser(jax.lax.stop_gradient(g_params), xt, sigma)
+        d_teacher = parts.teacher_denoise(xt, sigma, cond)
+        if exact:  # oracle: exact student density instead of the fake score and discriminator
+            frozen = jax.lax.stop_gradient(g_params)
+            d_fake = parts.exact_student_denoiser(frozen, xt, sigma)
+            log_r, logit = parts.exact_log_ratio(frozen, xt, sigma), None
         else:
             d_fake = parts.denoise(state.fake_score, xt, sigma, cond)
-        d_teacher = parts.teacher_denoise(xt, sigma, cond)
-        logit = None if exact else parts.disc_logit(state.discriminator, xt, sigma, cond)
-        if exact:
-            log_r = parts.exact_log_ratio(jax.lax.stop_gradient(g_params), xt, sigma)
-        else:
+            logit = parts.disc_logit(state.discriminator, xt, sigma, cond)  # differentiable in xt
             log_r = losses.process_log_ratio(logit, d.ratio_lower, d.ratio_upper)
         ratio_bins = state.ratio_bins
         if d.bin_normalize and not exact:
