@@ -3,6 +3,8 @@
 import itertools
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -358,7 +360,16 @@ class TestKDTable:
         teacher = os.path.join(teacher_run[1], kd.CLASSIFIER_FILE)
         argv = ["--workdir", str(tmp_path), "--divergences", "reverse_kl", "--seeds", "1"]
         argv += ["--steps", "8", "--teacher", teacher, "--data_dir", data_dir, "--jax_cache", ""]
-        out = kd_table.main(argv)
+        # A subprocess, as users run it: the script sets JAX-wide options and runs many engine
+        # runs, none of which should leak into the other tests of this pytest worker.
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        script = os.path.join(repo, "experiments", "kd_table.py")
+        proc = subprocess.run(
+            [sys.executable, script, *argv], cwd=repo, capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        with open(tmp_path / "results.json") as f:
+            out = json.load(f)
         assert [row["name"] for row in out["table"]] == ["teacher", "labels only", "reverse_kl"]
         assert out["runs"]["reverse_kl"][0]["test/teacher_agreement"] >= 0
         for name in ("results.md", "results.json", "kd_table.png", "reverse_kl/seed0/eval.json"):
