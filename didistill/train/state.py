@@ -12,8 +12,10 @@ in the middle of a window.
     state, window, report = train_step(state, window, batch, run_key)
 
 Inside it, the step key is `fold_in(run_key, state.step)` and the NaN guard keeps the old
-method state (`jnp.where` on a scalar `finite` flag, no host round-trip) when the new state or
-any metric is NaN/inf. `report` is a dict of scalars for the current window: each metric's mean
+method state (`lax.cond` on a scalar `finite` flag, no host round-trip) when the new state or
+any metric is NaN/inf. A `cond`, not a per-leaf `jnp.where`: XLA fuses the all-leaves
+finiteness reduction into every per-leaf select, which is quadratic in the number of leaves
+(the digits U-Net step compiled in 6.5 minutes on CPU that way, 24 s with the cond). `report` is a dict of scalars for the current window: each metric's mean
 over its finite steps (NaN if none), `nonfinite_skipped` (steps skipped in the window),
 `nonfinite_consecutive` and `nonfinite_total`. The window restarts after steps that are
 multiples of `log_every`.
@@ -110,9 +112,7 @@ def make_train_step(method_step: Callable, log_every: int) -> Callable:
         metrics = {name: jnp.asarray(value, jnp.float32) for name, value in metrics.items()}
         finite = tree_is_finite(metrics) & tree_is_finite(new_method_state)
 
-        method_state = jax.tree.map(
-            lambda new, old: jnp.where(finite, new, old), new_method_state, state.method_state
-        )
+        method_state = jax.lax.cond(finite, lambda: new_method_state, lambda: state.method_state)
         skipped = jnp.logical_not(finite).astype(jnp.int32)
         consecutive = jnp.where(finite, 0, state.nonfinite_consecutive + 1)
         state = EngineState(
