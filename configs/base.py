@@ -49,5 +49,8 @@ def get_config():
             progress=True,  # tqdm progress bar on process 0
         )
     )
-    config.mesh = ml_collections.ConfigDict(dict(data=-1))  # -1: all devices on the data axis
+    # Mesh axes ('data', 'model'), data * model = all devices (-1: all devices left after
+    # model); batches split over 'data'. fsdp: split every state leaf along its largest
+    # dimension over 'data' (ZeRO-3 style) instead of replicating it. See docs/scale.md.
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, model=1, fsdp=False))
     return config

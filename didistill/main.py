@@ -201,8 +201,7 @@ def main(argv: list[str]) -> None:
     from didistill.distill import get_method
     from didistill.train import logging as run_logging
     from didistill.train.errors import DidistillError
-    from didistill.train.loop import train
-    from didistill.train.validate import validate_config
+    from didistill.train.loop import check_config, train
 
     run_logging.setup()
     if not flags.FLAGS["verbosity"].present:  # orbax and jax log chattily at INFO through absl
@@ -212,7 +211,7 @@ def main(argv: list[str]) -> None:
             "process %d of %d", jax.process_index(), jax.process_count()
         )
     try:
-        validate_config(config, jax.device_count(), jax.process_count())
+        check_config(config)  # engine keys, mesh shape against the devices, batch split
         try:
             method = get_method(config)
         except ValueError as err:

@@ -2,24 +2,28 @@
 
 What the engine does, in order:
 
-1. Checks the engine config keys (`validate.py`), builds the data-parallel mesh over all
-   devices (`sharding.py`) and checks that `method.global_batch_size` splits over devices and
-   processes.
+1. Checks the engine config keys (`validate.py`, `config.mesh` in `sharding.py`), builds the
+   mesh of `config.mesh` ('data' x 'model' over all devices) and checks that
+   `method.global_batch_size` splits over the data axis and the processes.
 2. Keys: `run_key = jax.random.key(config.seed)`; step `i` uses `fold_in(run_key, i)`, computed
    inside jit. `method.init` gets `fold_in(run_key, 2**32 - 1)` and `method.evaluate` gets
    `fold_in(run_key, 2**32 - 2)`: tags no step index reaches, so no key is used twice.
-3. Restores the newest readable checkpoint of `<workdir>/checkpoints` onto replicated shardings
-   (abstract tree from `jax.eval_shape`), or runs `method.init` under jit.
+3. State shardings: `sharding.state_shardings` of the abstract state (`jax.eval_shape` of
+   init): replicated, or split leaf by leaf with `config.mesh.fsdp` (and over a 'model' axis).
+   Restores the newest readable checkpoint of `<workdir>/checkpoints` onto those shardings,
+   or runs `method.init` under jit with them as `out_shardings`.
 4. Loops from the restored step to `config.train.num_steps`: `method.batches(start)` rows ->
    global batch sharded on 'data' -> the guarded step (`state.py`), jitted with the state
-   donated and replicated `out_shardings`. Nothing is fetched to the host between log points:
-   every `log_every` steps (and at the last step) the report of the current window is fetched,
-   written to `metrics.jsonl`, logged, and checked for a run of non-finite steps.
+   donated and in/out shardings from the rule (XLA inserts the all-gathers and reductions).
+   Nothing is fetched to the host between log points: every `log_every` steps (and at the
+   last step) the report of the current window is fetched, written to `metrics.jsonl`,
+   logged, and checked for a run of non-finite steps.
 5. Saves a checkpoint every `checkpoint_every` steps and at the end. On SIGTERM/SIGINT it saves
    at the current step and returns with `preempted=True` (no evaluation).
 6. Runs `method.evaluate` on every process, outside the mesh context, with a copy of the final
-   state on the process's first device (so eager code can mix it with local arrays), and
-   writes `eval.json`; a rerun of a finished run reuses an `eval.json` of the same step.
+   state (gathered if sharded) on the process's first device (so eager code can mix it with
+   local arrays), and writes `eval.json`; a rerun of a finished run reuses an `eval.json` of
+   the same step.
 
 Run directory (only process 0 writes the files; every process writes its checkpoint shards):
 
@@ -87,18 +91,30 @@ def _init_fn(method: Method, seed: int):
     return lambda: init_state(method.init(run_keys(seed)[1]))
 
 
-def _abstract_state(method: Method, seed: int, replicated):
-    return sharding.with_sharding(jax.eval_shape(_init_fn(method, seed)), replicated)
+def check_config(config) -> tuple[int, int, bool]:
+    """Raises `ConfigError` for a bad engine key (mesh included); returns (data, model, fsdp)."""
+    data, model, fsdp = sharding.check_mesh_config(config.mesh, jax.device_count())
+    validate_config(config, data, jax.process_count())  # the batch splits over the data axis
+    return data, model, fsdp
+
+
+def state_shardings(method: Method, seed: int, mesh, fsdp: bool):
+    """(abstract state with shardings, the pytree of shardings) for `method` on `mesh`."""
+    abstract = jax.eval_shape(_init_fn(method, seed))
+    shardings = sharding.state_shardings(abstract, mesh, fsdp)
+    return sharding.with_sharding(abstract, shardings), shardings
 
 
 def load_checkpoint(method: Method, config, workdir: str, step: int | None = None):
     """(step, method_state) of a run's checkpoint (the latest if `step` is None), replicated
-    over all devices. For sampling or evaluating a trained model outside `train`."""
+    over all devices (also when it was saved sharded). For sampling or evaluating a trained
+    model outside `train`."""
     ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
     if not os.path.isdir(ckpt_dir):
         raise CheckpointError(f"no checkpoints in {workdir}: {ckpt_dir} does not exist")
-    mesh = sharding.make_mesh(config.mesh.data)
-    abstract = _abstract_state(method, config.seed, sharding.replicated(mesh))
+    mesh = sharding.mesh_from_config(config.mesh)
+    abstract = jax.eval_shape(_init_fn(method, config.seed))
+    abstract = sharding.with_sharding(abstract, sharding.replicated(mesh))
     with Checkpointer(ckpt_dir, config.train.keep_checkpoints) as c:
         step = c.latest_step() if step is None else step
         if step is None or step not in c.steps():
@@ -110,17 +126,19 @@ def load_checkpoint(method: Method, config, workdir: str, step: int | None = Non
 class _Loop:
     """The stepping part of `train`, split into small methods sharing the run's objects."""
 
-    def __init__(self, method, config, mesh, ckpt, writer, watcher):
+    def __init__(self, method, config, mesh, state_sharding, ckpt, writer, watcher):
         self.method, self.tc = method, config.train
         self.ckpt, self.writer, self.watcher = ckpt, writer, watcher
         self.replicated = sharding.replicated(mesh)
         self.batch_sharding = sharding.batch_sharding(mesh)
         self.local_rows = sharding.check_batch(method.global_batch_size, mesh)
         self.run_key = sharding.replicate(lambda: run_keys(config.seed)[0], self.replicated)
+        rep = self.replicated
         self.train_step = jax.jit(
             make_train_step(method.step, self.tc.log_every),
             donate_argnums=(0, 1),
-            out_shardings=self.replicated,
+            in_shardings=(state_sharding, rep, self.batch_sharding, rep),
+            out_shardings=(state_sharding, rep, rep),
         )
         self.last_line = None
 
@@ -224,7 +242,7 @@ def _write_config(config, workdir: str) -> None:
     run_logging.write_json(os.path.join(workdir, CONFIG_FILE), resolved)
 
 
-def _evaluate(method: Method, state, step: int, eval_key, workdir: str, is_main: bool):
+def _evaluate(method: Method, state, step: int, eval_key, workdir: str, is_main: bool, mesh):
     eval_path = os.path.join(workdir, EVAL_FILE)
     if os.path.exists(eval_path):
         previous = run_logging.read_json(eval_path)
@@ -232,7 +250,8 @@ def _evaluate(method: Method, state, step: int, eval_key, workdir: str, is_main:
             logger.info("eval.json already holds step %d: not evaluating again", step)
             return {k: v for k, v in previous.items() if k != "step"}
     logger.info("evaluating at step %d", step)
-    local_state = sharding.local_copy(state)  # eager code may mix it with local arrays
+    # eager code may mix it with local arrays; a sharded (FSDP) state is gathered first
+    local_state = sharding.local_copy(sharding.gather(state, mesh))
     results = run_logging.to_jsonable(dict(method.evaluate(local_state, eval_key, workdir)))
     if is_main:
         run_logging.write_json(eval_path, {**results, "step": step})
@@ -244,26 +263,33 @@ def train(method: Method, config, workdir: str) -> dict[str, Any]:
     """Trains `method` as `config.train` says, in `workdir`; resumes if it holds checkpoints.
 
     Returns {"step": steps done, "preempted": bool, "metrics": the last metrics line (or None),
-    "eval": method.evaluate results (None if preempted), "state": the final method state}.
+    "eval": method.evaluate results (None if preempted), "state": the final method state, on
+    the run's state shardings (split over devices with config.mesh.fsdp)}.
     Raises ConfigError for bad engine keys, CheckpointError if the checkpoints belong to another
     config, NonFiniteError after max_nonfinite_steps consecutive non-finite steps.
     """
-    validate_config(config, jax.device_count(), jax.process_count())
-    mesh = sharding.make_mesh(config.mesh.data)
+    _, _, fsdp = check_config(config)
+    mesh = sharding.mesh_from_config(config.mesh)
     sharding.check_batch(method.global_batch_size, mesh)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     if is_main:
         _write_config(config, workdir)
     eval_key = run_keys(config.seed)[2]
-    replicated = sharding.replicated(mesh)
+    abstract, state_sharding = state_shardings(method, config.seed, mesh, fsdp)
     ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
 
     with jax.set_mesh(mesh), Checkpointer(ckpt_dir, config.train.keep_checkpoints) as ckpt:
-        restored = ckpt.restore_latest(_abstract_state(method, config.seed, replicated))
+        restored = ckpt.restore_latest(abstract)
         if restored is None:
-            logger.info("new run in %s (%d devices)", workdir, jax.device_count())
-            state = sharding.replicate(_init_fn(method, config.seed), replicated)
+            logger.info(
+                "new run in %s (%d devices, mesh %s, fsdp=%s)",
+                workdir,
+                jax.device_count(),
+                dict(mesh.shape),
+                fsdp,
+            )
+            state = sharding.replicate(_init_fn(method, config.seed), state_sharding)
             start, window_json = 0, None
         else:
             logger.info("resuming from the checkpoint at step %d", restored.step)
@@ -276,7 +302,7 @@ def train(method: Method, config, workdir: str) -> dict[str, Any]:
         writer = run_logging.MetricsWriter(os.path.join(workdir, METRICS_FILE), start, is_main)
         try:
             with PreemptionWatcher() as watcher:  # also covers the wait for the last save
-                loop = _Loop(method, config, mesh, ckpt, writer, watcher)
+                loop = _Loop(method, config, mesh, state_sharding, ckpt, writer, watcher)
                 state, step, preempted = loop.run(state, start, window_json)
                 ckpt.wait()
         finally:
@@ -285,9 +311,11 @@ def train(method: Method, config, workdir: str) -> dict[str, Any]:
     if preempted:
         logger.warning("stopped at step %d on request; rerun the same command to resume", step)
     else:  # outside the mesh context: evaluate's eager code runs on this process's devices
-        result["eval"] = _evaluate(method, state.method_state, step, eval_key, workdir, is_main)
+        result["eval"] = _evaluate(
+            method, state.method_state, step, eval_key, workdir, is_main, mesh
+        )
     result["state"] = state.method_state
     return result
 
 
-__all__ = ["load_checkpoint", "run_keys", "train"]
+__all__ = ["check_config", "load_checkpoint", "run_keys", "state_shardings", "train"]

@@ -28,9 +28,11 @@ Rules:
   write files (`jax.process_index() == 0`).
 
 What a method may assume (see `didistill.train.loop`):
-- `init` and `step` run under `jax.jit` inside `jax.set_mesh(mesh)`, a 1-D mesh with the
-  `'data'` axis in Auto mode: the batch arrives sharded along its leading axis, the state
-  replicated; XLA inserts the gradient all-reduce, so no sharding code is needed.
+- `init` and `step` run under `jax.jit` inside `jax.set_mesh(mesh)`, the mesh of
+  `config.mesh` (a `'data'` axis, plus `'model'` when `config.mesh.model > 1`) in Auto mode:
+  the batch arrives sharded along its leading axis, the state replicated or, with
+  `config.mesh.fsdp`, each leaf split along one dimension (`didistill.train.sharding`); XLA
+  inserts the all-reduces and gathers, so no sharding code is needed (see docs/scale.md).
 - `init` gets `fold_in(run_key, 2**32 - 1)`, `evaluate` gets `fold_in(run_key, 2**32 - 2)`,
   step `i` gets `fold_in(run_key, i)`, with `run_key = jax.random.key(config.seed)`.
 - A step whose metrics or new state hold a NaN/inf is skipped: the old state is kept, but the

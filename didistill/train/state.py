@@ -15,10 +15,10 @@ Inside it, the step key is `fold_in(run_key, state.step)` and the NaN guard keep
 method state (`lax.cond` on a scalar `finite` flag, no host round-trip) when the new state or
 any metric is NaN/inf. A `cond`, not a per-leaf `jnp.where`: XLA fuses the all-leaves
 finiteness reduction into every per-leaf select, which is quadratic in the number of leaves
-(the digits U-Net step compiled in 6.5 minutes on CPU that way, 24 s with the cond). `report` is a dict of scalars for the current window: each metric's mean
-over its finite steps (NaN if none), `nonfinite_skipped` (steps skipped in the window),
-`nonfinite_consecutive` and `nonfinite_total`. The window restarts after steps that are
-multiples of `log_every`.
+(the digits U-Net step compiled in 6.5 minutes on CPU that way, 24 s with the cond).
+`report` is a dict of scalars for the current window: each metric's mean over its finite
+steps (NaN if none), `nonfinite_skipped` (steps skipped in the window), `nonfinite_consecutive`
+and `nonfinite_total`. The window restarts after steps that are multiples of `log_every`.
 """
 
 from __future__ import annotations
