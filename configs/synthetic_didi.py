@@ -7,6 +7,7 @@ The teacher comes from configs/synthetic_mdlm.py on the same language and length
 ingredient of the reference's cumulative ablation is a flag in config.distill:
 score_decomposition, coupled_time, time_weight ('none' | 'elbo'), importance_weight,
 kl_weight / entropy_weight (0 disables), reward_normalize (grouped, G = group_size).
+config.eval.guided switches on the reward-guided sampler at evaluation.
 """
 
 import ml_collections
@@ -65,6 +66,22 @@ def get_config(arg=None):
     config.ema_decay = 0.999
     config.eval = ml_collections.ConfigDict(
         dict(num_samples=512, batch_size=256, sample_steps=(8, 16, 32), judge_smoothing=1e-4)
+    )
+    # Reward-guided ancestral sampler (didistill/distill/guided_sampling.py), reported as
+    # student_guided/steps{N}/... next to the plain student. The reference's released setting
+    # is guidance 30 -> 40 with best_of=4 and tilt_until=0.5 (its initial one 0.2 -> 1.0).
+    config.eval.guided = ml_collections.ConfigDict(
+        dict(
+            enabled=False,
+            guidance_scale=1.0,  # h at the first step (0: no gradient tilting)
+            guidance_scale_end=1.0,  # h at the last tilt step (linear ramp)
+            tilt_until=0.5,  # tilt while t > tilt_until, best-of-k re-ranking after
+            best_of=4,  # candidates per re-ranking step (1: none)
+            grad_clip=1.0,  # clamp of the tilt gradient (0: none)
+            tilt_input="prediction",  # 'prediction' (reference) | 'state' (one-hot z_t)
+            rerank_temperature=0.0,  # 0: keep the best; > 0: sample softmax(log r / T)
+            aggregate="sum",  # log r from token logits over masked positions: 'sum' | 'mean'
+        )
     )
     config.train.num_steps = 2000
     config.train.batch_size = 64

@@ -18,6 +18,7 @@ METHODS: dict[str, str] = {
     "edm_teacher": "didistill.distill.teacher:make_method",
     "mdlm_teacher": "didistill.distill.mdlm_teacher:make_method",
     "didi_instruct": "didistill.distill.didi:make_method",
+    "step_halving": "didistill.distill.step_halving:make_method",
     "classifier": "didistill.distill.kd:make_classifier_method",
     "kd": "didistill.distill.kd:make_kd_method",
     **{

@@ -27,11 +27,17 @@ One engine step (one jitted function):
    masked positions of both steps.
 
 `evaluate`: exact-judge `sample_report` of the EMA student and of the teacher at each of
-`eval.sample_steps` (`student/steps{N}/...`, `teacher/steps{N}/...`), and of real data.
+`eval.sample_steps` (`student/steps{N}/...`, `teacher/steps{N}/...`), and of real data. With
+`eval.guided.enabled`, also the EMA student under the reward-guided ancestral sampler
+(`guided_sampling.guided_sample`, same keys as the plain student samples) with this
+discriminator, log r = sum (`eval.guided.aggregate='sum'`, the reference) or mean of its token
+logits over the masked positions of the scored state: `student_guided/steps{N}/...`, where
+`nfe` counts student calls and `nfe_discriminator`, `nfe_discriminator_backward`, `nfe_total`
+the rest.
 
-Not done: the reward-guided ancestral sampler (RGAS), the spectral-norm head, the reference's
-student LR decay. The teacher params are closed over (jit constants): fine for small teachers;
-a 169M teacher should be passed as a step input instead.
+Not done: the spectral-norm head, the reference's student LR decay. The teacher params are
+closed over (jit constants): fine for small teachers; a 169M teacher should be passed as a
+step input instead.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ import optax
 from didistill.data import text
 from didistill.diffusion import masked
 from didistill.distill import didi_losses as losses
+from didistill.distill import guided_sampling
 from didistill.distill.mdlm_teacher import load_teacher_denoiser, logits_fn_of
 from didistill.eval import text as text_eval
 from didistill.train.method import Method
@@ -309,6 +316,40 @@ def make_method(config) -> Method:
             nfe = max(nfe, int(used))
         return np.concatenate(chunks), nfe
 
+    def sample_guided(params, disc, key, num_steps):
+        """RGAS samples [num_samples, L] of `params` steered by `disc`, and the NFE dict."""
+        g = ecfg.guided
+        if g.aggregate not in ("sum", "mean"):
+            raise ValueError(f"config.eval.guided.aggregate={g.aggregate!r}: 'sum' or 'mean'")
+
+        def log_ratio(disc, tokens, t, is_masked):  # [B]; tokens int [B, L] or soft [B, L, V+1]
+            # disc_logits without its K = 0 stop_gradient: the tilt needs d log r / d tokens
+            inner = dict(teacher_params["params"], **disc["blocks"])
+            _, hidden = net.apply({"params": inner}, tokens, t, return_hidden=1)
+            token_logits = head.apply(disc["head"], hidden[0])  # [B, L]
+            total = jnp.sum(jnp.where(is_masked, token_logits, 0.0), axis=-1)
+            if g.aggregate == "sum":
+                return total
+            return total / jnp.maximum(jnp.sum(is_masked, axis=-1), 1)
+
+        def run(p, dsc, k, x):
+            return guided_sampling.guided_sample(
+                logits_fn_of(net, p), lambda z, t, m: log_ratio(dsc, z, t, m), k, x.shape[0],
+                length, num_steps, mask_id, schedule, g.guidance_scale, g.tilt_until, g.best_of,
+                guidance_scale_end=g.guidance_scale_end, grad_clip=g.grad_clip,
+                tilt_input=g.tilt_input, rerank_temperature=g.rerank_temperature, cache=cache,
+                x_init=x,
+            )  # fmt: skip
+
+        fn, chunks, nfe, n = jax.jit(run), [], {}, ecfg.num_samples
+        for i, start in enumerate(range(0, n, ecfg.batch_size)):
+            rows = min(ecfg.batch_size, n - start)
+            x_init = masked.all_masked(rows, length, mask_id)
+            tokens, used = fn(params, disc, jax.random.fold_in(key, i), x_init)
+            chunks.append(np.asarray(tokens))
+            nfe = {k: max(nfe.get(k, 0), int(v)) for k, v in used.items()}
+        return np.concatenate(chunks), nfe
+
     def evaluate(state, key, workdir):
         del workdir
         judge = text_eval.exact_judge(lang, ecfg.judge_smoothing)
@@ -322,6 +363,17 @@ def make_method(config) -> Method:
                 tokens, nfe = sample(params, jax.random.fold_in(key, num_steps), num_steps)
                 report = text_eval.sample_report(tokens, judge, nfe, lang)
                 results.update({f"{name}/steps{num_steps}/{k}": v for k, v in report.items()})
+        if ecfg.get("guided") is not None and ecfg.guided.enabled:
+            disc = jax.device_get(state.discriminator)
+            for num_steps in ecfg.sample_steps:  # the plain student's keys: paired comparison
+                tokens, nfe = sample_guided(
+                    models["student"], disc, jax.random.fold_in(key, num_steps), num_steps
+                )
+                report = text_eval.sample_report(tokens, judge, nfe["student"], lang)
+                report.update({f"nfe_{k}": v for k, v in nfe.items() if k != "student"})
+                results.update(
+                    {f"student_guided/steps{num_steps}/{k}": v for k, v in report.items()}
+                )
         results["source/gen_ppl"] = math.exp(lang.entropy_per_token(length))
         return results
 

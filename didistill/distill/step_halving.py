@@ -1,0 +1,385 @@
+"""Step halving: SDTT-style self-distillation of an MDLM teacher, with any categorical divergence.
+
+Deschenaux & Gulcehre, "Beyond Autoregression: Fast LLMs via Self-Distillation Through Time",
+ICLR 2025 (arXiv:2410.21035); shared/reference/discrete_distillation.md section 3.1. A student
+initialised from the teacher learns to do in ONE ancestral step t -> s what the teacher does in
+TWO steps t -> m -> s (m the midpoint). Any divergence of `categorical_names()` is the matching
+loss (`config.distill.divergence`), so divergences can be compared on discrete students.
+
+Notation (`didistill.diffusion.masked`): a_t = alpha_t; x_T(z), x_S(z) are the SUBS denoisers of
+teacher and student (probabilities over the V tokens, 0 on [MASK], a one-hot at unmasked
+positions); l is a position with z_t^l = m ([MASK]). One teacher step t -> m reveals l with
+probability r1 = (a_m - a_t)/(1 - a_t) and draws its value from x_T(z_t)^l; the step m -> s
+reveals a still-masked l with r2 = (a_s - a_m)/(1 - a_m), value from x_T(z_m)^l. The student's
+single step reveals l with rho = (a_s - a_t)/(1 - a_t) = r1 + (1 - r1) r2, value from x_S(z_t)^l.
+
+Exact two-step marginal. For v a token,
+
+    P_T(z_s^l = v | z_t) = [(a_m - a_t) x_T(z_t)^l[v] + (a_s - a_m) E[x_T(z_m)^l[v] | z_m^l = m]]
+                           / (1 - a_t),
+
+and P_T(z_s^l = m | z_t) = (1 - a_s)/(1 - a_t) equals the student's. So the student's
+(factorised) step law equals the product of the teacher's two-step marginals iff x_S(z_t)^l = mu^l,
+
+    mu^l = w x_T(z_t)^l + (1 - w) E_{z_m}[x_T(z_m)^l | z_m^l = m],   w = (a_m - a_t)/(a_s - a_t)
+
+(w = 1/2 for the log-linear schedule). The joint two-step law couples positions through z_m,
+which no factorised one-step student represents; the product of marginals is its best
+factorised approximation in KL(teacher || student).
+
+Targets (`config.distill.target`). From one teacher path z_t -> z_m -> z_s (two network calls,
+at z_t and at z_m; z_s costs no call) each gives a target tau^l and a set of loss positions:
+
+- 'sdtt' (default; SDTT's `_teacher_logprobs_on_mask`): loss on every l masked at t;
+  tau^l = x_T(z_t)^l if l was revealed by the first step (the teacher's prediction at the step
+  that revealed it), else x_T(z_m)^l. Its mean is
+      pi^l = E_{z_m}[tau^l] = r1 x_T(z_t)^l + (1 - r1) E[x_T(z_m)^l | z_m^l = m],
+  the law of x0^l under "z_m ~ teacher step t -> m, then x0 ~ x_T(z_m)" (the teacher's
+  denoising distribution after its steps).
+- 'onehot' (the paper's wording): loss on every l masked at t; tau^l = x_T(z_m)^l with SUBS, i.e.
+  the one-hot of the revealed token where z_m^l != m. Same mean pi^l (a one-hot of a draw from
+  x_T(z_t)^l has mean x_T(z_t)^l); 'sdtt' replaces that one-hot by its mean, so it has less
+  variance. Divergences with a log tau term under the student's mass (reverse KL, Jeffreys,
+  Neyman chi2, softened reverse KL, ...) are infinite at a one-hot target: `make_method` checks
+  the divergence at a one-hot target and refuses those.
+- 'step_marginal': loss only on l revealed by s (z_t^l = m, z_s^l != m); tau^l as in 'sdtt'.
+  Given l revealed by s, it was revealed by the first step with probability r1/rho = w, so
+  E[tau^l | revealed] = mu^l: the exact two-step marginal above (positions still masked at s
+  carry no information, both laws give them the same mass).
+
+pi and mu mix the same two predictions: pi puts r1 (= dt/t for log-linear, small for fine
+steps) on the first-step prediction, mu puts w = 1/2. With an exact teacher (x_T(z)^l =
+p(x0^l | unmasked tokens of z)) both equal x_T(z_t)^l by the tower property, so distilling an
+exact teacher leaves it unchanged.
+
+Loss. With D = `categorical_from_log_probs(divergence, log tau, log x_S)` over the V + 1 entries
+([MASK] has probability 0 in both) and P the loss positions of the batch,
+
+    L(theta) = sum_{(b, l) in P} D(tau^l || x_S(z_t)^l; theta) / max(1, |P|)
+
+(a mean over loss tokens, as SDTT's `batchmean` over masked tokens). For an f-divergence the
+step laws over V + 1 values give D_f(P_T(z_s^l | z_t) || q_S(z_s^l | z_t)) = rho D_f(mu^l ||
+x_S^l) (the [MASK] entries agree, the token entries share the factor rho). D is evaluated at the
+one-path target tau, not at its mean: only divergences linear in the target up to a
+student-free term (forward KL) have an unbiased gradient; the others, SDTT's reverse KL
+included, are biased the same way SDTT's are. SDTT's 'kl-bwd' (its default, sum x_S log(x_S /
+tau)) is `reverse_kl` here and 'kl-fwd' is `forward_kl`; its 'tvd' and 'mse' (in the public copy
+I read) act on log-probabilities, so they are not this library's `total_variation`.
+
+Times (`time_sampling`). Round k has a teacher of N_k = teacher_steps / 2^k steps and a student
+of N_k / 2 steps of size h = 2 / N_k. 'grid': t = 1 - j h with j ~ U{0, ..., N_k/2 - 1}, exactly
+the steps `masked.ancestral_sample` takes with N_k / 2 steps; 'uniform': t ~ U[h, 1]. Then
+m = t - h/2, s = max(t - h, 0), and z_t = forward_mask(x, t) for data x (at t = 1 a token
+stays unmasked with probability eps, while the sampler starts from all [MASK]; as in SDTT).
+
+Metrics: `loss`, `grad_norm`, `loss_positions` (fraction of the batch's tokens in P),
+`first_step_fraction` (fraction of P whose target is the first-step prediction: about r1 for
+'sdtt', w for 'step_marginal'), `round`, `teacher_steps`, `student_steps`.
+
+Rounds. At engine step i the round is k = min(i // steps_per_round, rounds - 1). The teacher of
+round k is a frozen copy of the student at the end of round k - 1 (`teacher_from='ema'`: of its
+EMA, which also becomes the student, as SDTT's `use_ema_on_growth`). It lives in the state
+(`StepHalvingState.teacher`, starting as the loaded teacher) and is switched inside the jitted
+step by `lax.cond` on `k > state.round`: no host round trip, and a resumed run is exact. This
+departs from DESIGN's "teacher params never in the state": from round 1 on the teacher IS a
+student snapshot, so checkpoints hold it (one extra copy of the params). The step sizes follow
+the traced k, so one compiled step serves every round. `train.num_steps` beyond
+rounds * steps_per_round continues the last round.
+
+Departures from the reference: the teacher's second step starts at the midpoint m = t - h/2 (a
+public copy of SDTT's code I read starts it at t - h, its `linspace` of 2 points; unverified in
+the original repository); no analytic sampler, no float64 loss, no MAUVE.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from didistill.data import text
+from didistill.diffusion import masked
+from didistill.distill.mdlm_teacher import load_teacher_denoiser, logits_fn_of
+from didistill.divergences.categorical import categorical_from_log_probs, categorical_names
+from didistill.eval import text as text_eval
+from didistill.train.method import Method
+from didistill.train.optim import apply_gradients, ema_update, make_optimizer
+
+TARGETS = ("sdtt", "onehot", "step_marginal")
+TIME_SAMPLINGS = ("grid", "uniform")
+TEACHER_FROM = ("student", "ema")
+
+
+class StepHalvingState(flax.struct.PyTreeNode):
+    student: Any
+    student_opt: Any
+    student_ema: Any
+    teacher: Any  # frozen teacher of the current round (round 0: the loaded teacher)
+    round: jax.Array  # int32 scalar, the round the teacher belongs to
+
+
+def divergence_params(distill_cfg) -> dict[str, float]:
+    """The divergence's parameters: the entries of distill.divergence_params that are set."""
+    params = distill_cfg.get("divergence_params", None) or {}
+    return {k: v for k, v in dict(params).items() if v is not None}
+
+
+def step_times(key, n: int, round_index, teacher_steps: int, time_sampling: str = "grid"):
+    """(t, m, s) float32 [n] of student steps t -> s and teacher midpoints m in round k."""
+    student_steps = teacher_steps * 0.5 ** (jnp.asarray(round_index, jnp.float32) + 1.0)
+    h = 1.0 / student_steps  # student step size
+    u = jax.random.uniform(key, (n,))
+    if time_sampling == "grid":
+        t = 1.0 - jnp.floor(u * student_steps) / student_steps
+    else:
+        t = h + (1.0 - h) * u
+    return t, t - 0.5 * h, jnp.maximum(t - h, 0.0)
+
+
+def teacher_path(teacher_fn, key, z_t, t, m, s, schedule: masked.Schedule):
+    """Two teacher ancestral steps z_t -> z_m -> z_s; returns (log x_T(z_t), z_m, log x_T(z_m),
+    z_s), log-probs [B, L, V + 1] (SUBS), tokens [B, L]. Two network calls."""
+    k_m, k_s = jax.random.split(key)
+    lp_t = masked.subs_log_probs(teacher_fn(z_t, t), z_t)
+    z_m = masked.ancestral_step(k_m, lp_t, z_t, t, m, schedule)
+    lp_m = masked.subs_log_probs(teacher_fn(z_m, m), z_m)
+    z_s = masked.ancestral_step(k_s, lp_m, z_m, m, s, schedule)
+    return jax.tree.map(jax.lax.stop_gradient, (lp_t, z_m, lp_m, z_s))
+
+
+def two_step_target(lp_t, lp_m, z_t, z_m, z_s, target: str = "sdtt"):
+    """(log tau [B, L, V + 1], loss positions bool [B, L]) of one teacher path (docstring)."""
+    mask_id = lp_t.shape[-1] - 1
+    masked_t = z_t == mask_id
+    revealed_first = masked_t & (z_m != mask_id)  # [B, L]
+    if target == "onehot":
+        log_tau = lp_m
+    else:
+        log_tau = jnp.where(revealed_first[..., None], lp_t, lp_m)
+    positions = masked_t & (z_s != mask_id) if target == "step_marginal" else masked_t
+    return log_tau, positions
+
+
+def divergence_loss(divergence: str, log_tau, log_student, positions, **params):
+    """(mean of D(tau || x_S) over loss positions, number of positions); rows off the loss
+    positions are replaced by a fixed distribution so they add nothing, gradients included."""
+    uniform = -math.log(log_tau.shape[-1])
+    keep = positions[..., None]
+    per_token = categorical_from_log_probs(
+        divergence,
+        jnp.where(keep, log_tau, uniform),
+        jnp.where(keep, log_student, uniform),
+        axis=-1,
+        **params,
+    )  # fmt: skip  [B, L]
+    count = jnp.sum(positions)
+    total = jnp.sum(jnp.where(positions, per_token, 0.0))
+    return total / jnp.maximum(count, 1), count
+
+
+def make_loss(distill_cfg, schedule: masked.Schedule, mask_id: int):
+    """loss_fn(student_fn, teacher_fn, key, x0 [B, L], round_index) -> (loss, aux metrics)."""
+    divergence, params = distill_cfg.divergence, divergence_params(distill_cfg)
+    target, teacher_steps = distill_cfg.target, distill_cfg.teacher_steps
+
+    def loss_fn(student_fn, teacher_fn, key, x0, round_index):
+        k_t, k_mask, k_path = jax.random.split(key, 3)
+        t, m, s = step_times(
+            k_t, x0.shape[0], round_index, teacher_steps, distill_cfg.time_sampling
+        )
+        z_t = masked.forward_mask(k_mask, x0, t, schedule, mask_id)  # [B, L]
+        lp_t, z_m, lp_m, z_s = teacher_path(teacher_fn, k_path, z_t, t, m, s, schedule)
+        log_tau, positions = two_step_target(lp_t, lp_m, z_t, z_m, z_s, target)
+        log_student = masked.subs_log_probs(student_fn(z_t, t), z_t)  # [B, L, V + 1]
+        loss, count = divergence_loss(divergence, log_tau, log_student, positions, **params)
+        first = positions & (z_m != mask_id)
+        aux = {
+            "loss_positions": count / positions.size,
+            "first_step_fraction": jnp.sum(first) / jnp.maximum(count, 1),
+        }
+        return loss, aux
+
+    return loss_fn
+
+
+def validate(config) -> None:
+    """Checks config.distill; raises ValueError naming the key and what to set."""
+    d = config.distill
+    n0, rounds = d.teacher_steps, d.rounds
+    checks = [
+        (d.target in TARGETS, f"distill.target={d.target!r} must be one of {TARGETS}"),
+        (
+            d.time_sampling in TIME_SAMPLINGS,
+            f"distill.time_sampling={d.time_sampling!r} must be one of {TIME_SAMPLINGS}",
+        ),
+        (
+            d.teacher_from in TEACHER_FROM,
+            f"distill.teacher_from={d.teacher_from!r} must be one of {TEACHER_FROM}",
+        ),
+        (rounds >= 1, f"distill.rounds={rounds} must be >= 1"),
+        (d.steps_per_round >= 1, f"distill.steps_per_round={d.steps_per_round} must be >= 1"),
+        (
+            rounds >= 1 and n0 >= 2 and n0 % 2**rounds == 0,
+            f"distill.teacher_steps={n0} must be a multiple of 2^rounds = 2^{rounds} (the last "
+            "student takes teacher_steps / 2^rounds steps)",
+        ),
+        (0.0 <= config.ema_decay < 1.0, f"ema_decay={config.ema_decay} must be in [0, 1)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"bad step-halving config: config.{message}")
+    params = divergence_params(d)
+    probe = jnp.log(jnp.array([[0.5, 0.3, 0.2, 0.0]]))
+    try:
+        categorical_from_log_probs(d.divergence, probe, probe[:, ::-1], **params)
+    except ValueError as err:
+        raise ValueError(
+            f"bad step-halving config: config.distill.divergence={d.divergence!r} with "
+            f"divergence_params={params}: {err} (names: {', '.join(categorical_names())})"
+        ) from None
+    if d.target == "onehot":
+        onehot = jnp.log(jnp.array([[1.0, 0.0, 0.0, 0.0]]))
+        student = jnp.log(jnp.array([[0.4, 0.3, 0.2, 0.1]]))
+        value = categorical_from_log_probs(d.divergence, onehot, student, **params)
+        if not np.all(np.isfinite(np.asarray(value))):
+            raise ValueError(
+                f"bad step-halving config: config.distill.divergence={d.divergence!r} is "
+                "infinite at the one-hot targets of config.distill.target='onehot'; use "
+                "target='sdtt' or a divergence finite there (e.g. forward_kl, jensen_shannon)"
+            )
+
+
+def make_method(config) -> Method:
+    """Builds the step-halving `Method` for a `configs/synthetic_sdtt.py` config."""
+    if not config.teacher.path:
+        raise ValueError(
+            "config.teacher.path is empty: point it at a teacher_params.msgpack written by "
+            "configs/synthetic_mdlm.py (python -m didistill.main --config=configs/"
+            "synthetic_mdlm.py:LANGUAGE --workdir=DIR)"
+        )
+    validate(config)
+    net, teacher_params, meta = load_teacher_denoiser(config.teacher.path)
+    d, ecfg = config.distill, config.eval
+    lang = text.get_language(config.data.language)
+    length, mask_id = config.data.length, net.vocab_size
+    if lang.vocab_size != net.vocab_size or length > net.max_length:
+        raise ValueError(
+            f"config.data (language {config.data.language!r}, V={lang.vocab_size}, length "
+            f"{length}) does not fit the teacher (V={net.vocab_size}, max_length "
+            f"{net.max_length}); use the language and length the teacher was trained on"
+        )
+    dcfg = meta.get("diffusion", {})
+    schedule = masked.get_schedule(dcfg.get("schedule", "loglinear"), dcfg.get("eps", 1e-3))
+    batch_size = config.train.batch_size
+    optimizer = make_optimizer(config.optim_student)
+    loss_fn = make_loss(d, schedule, mask_id)
+    cache = not net.time_conditioning
+
+    def init(key):
+        del key  # the student starts as the teacher
+        student = jax.tree.map(jnp.array, teacher_params)
+        teacher = jax.tree.map(jnp.array, teacher_params)
+        return StepHalvingState(
+            student, optimizer.init(student), student, teacher, jnp.zeros((), jnp.int32)
+        )
+
+    def next_round(state, round_index):
+        """Round k > state.round: the teacher becomes the student (or its EMA)."""
+
+        def switch(state):
+            source = state.student_ema if d.teacher_from == "ema" else state.student
+            opt = optimizer.init(source) if d.reset_optimizer else state.student_opt
+            ema = source if d.teacher_from == "ema" else state.student_ema
+            return state.replace(
+                student=source, student_opt=opt, student_ema=ema, teacher=source,
+                round=round_index,
+            )  # fmt: skip
+
+        return jax.lax.cond(round_index > state.round, switch, lambda state: state, state)
+
+    def step(state, batch, key, step_index):
+        round_index = jnp.minimum(step_index // d.steps_per_round, d.rounds - 1)
+        state = next_round(state, round_index.astype(jnp.int32))
+        teacher_fn = logits_fn_of(net, state.teacher)
+
+        def objective(params):
+            return loss_fn(logits_fn_of(net, params), teacher_fn, key, batch["tokens"], state.round)
+
+        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.student)
+        student, student_opt = apply_gradients(optimizer, state.student, state.student_opt, grads)
+        state = state.replace(
+            student=student,
+            student_opt=student_opt,
+            student_ema=ema_update(state.student_ema, student, config.ema_decay),
+        )
+        teacher_steps = d.teacher_steps * 0.5 ** state.round.astype(jnp.float32)
+        metrics = dict(
+            aux, loss=loss, grad_norm=optax.tree.norm(grads), round=state.round.astype(jnp.float32),
+            teacher_steps=teacher_steps, student_steps=0.5 * teacher_steps,
+        )  # fmt: skip
+        return state, metrics
+
+    samplers = {}  # num_steps -> jitted sampler, shared by student and teacher
+
+    def sample(params, key, num_steps):
+        if num_steps not in samplers:
+            samplers[num_steps] = jax.jit(
+                lambda p, k, x: masked.ancestral_sample(
+                    logits_fn_of(net, p), k, x, schedule, num_steps, cache=cache
+                )
+            )
+        fn = samplers[num_steps]
+        chunks, nfe, n = [], 0, ecfg.num_samples
+        for i, start in enumerate(range(0, n, ecfg.batch_size)):
+            rows = min(ecfg.batch_size, n - start)
+            tokens, used = fn(
+                params, jax.random.fold_in(key, i), masked.all_masked(rows, length, mask_id)
+            )
+            chunks.append(np.asarray(tokens))
+            nfe = max(nfe, int(used))
+        return np.concatenate(chunks), nfe
+
+    def evaluate(state, key, workdir):
+        del workdir
+        judge = text_eval.exact_judge(lang, ecfg.judge_smoothing)
+        data = lang.sample(
+            np.random.default_rng([config.seed, 2**31 - 1]), ecfg.num_samples, length
+        )
+        results = {f"data/{k}": v for k, v in text_eval.sample_report(data, judge, 0, lang).items()}
+        models = {"student": jax.device_get(state.student_ema), "teacher": teacher_params}
+        for name, params in models.items():
+            for num_steps in ecfg.sample_steps:
+                tokens, nfe = sample(params, jax.random.fold_in(key, num_steps), num_steps)
+                report = text_eval.sample_report(tokens, judge, nfe, lang)
+                results.update({f"{name}/steps{num_steps}/{k}": v for k, v in report.items()})
+        final_round = int(jax.device_get(state.round))
+        results["distill/round"] = final_round
+        results["distill/student_steps"] = d.teacher_steps // 2 ** (final_round + 1)
+        results["source/gen_ppl"] = math.exp(lang.entropy_per_token(length))
+        return results
+
+    def batches(start_step):
+        local = batch_size // jax.process_count()
+        return text.batches(lang, config.seed, local, length, start_step, jax.process_index())
+
+    return Method(
+        init=init, step=step, evaluate=evaluate, batches=batches, global_batch_size=batch_size
+    )
+
+
+__all__ = [
+    "StepHalvingState",
+    "divergence_loss",
+    "divergence_params",
+    "make_loss",
+    "make_method",
+    "step_times",
+    "teacher_path",
+    "two_step_target",
+    "validate",
+]
