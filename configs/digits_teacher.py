@@ -57,7 +57,7 @@ def get_config(arg=None):
             feature_checkpoint="assets/digits/classifier_teacher.msgpack",  # digits FID if present
         )
     )
-    config.train.num_steps = 2000
+    config.train.num_steps = 1000
     config.train.batch_size = 128
     config.train.log_every = 50
     config.train.checkpoint_every = 1000

@@ -2,6 +2,7 @@
 
     --config=configs/synthetic_mdlm.py:markov          full run (CPU minutes)
     --config=configs/synthetic_mdlm.py:hmm,smoke       tiny network and run, for tests
+    --config=configs/synthetic_mdlm.py:markov_small,cpu  the shipped CPU teacher (assets/text)
     languages: see didistill.data.text.LANGUAGES (markov_tiny, markov_small, markov,
                hmm_small, hmm)
 
@@ -18,16 +19,16 @@ from didistill.data import text
 def _parse(arg):
     parts = [p.strip() for p in (arg or "markov").split(",") if p.strip()]
     name, flags = parts[0], set(parts[1:])
-    if name not in text.LANGUAGES or not flags <= {"smoke"}:
+    if name not in text.LANGUAGES or not flags <= {"smoke", "cpu"}:
         raise ValueError(
-            f"synthetic_mdlm config arg {arg!r}: expected '<language>' or '<language>,smoke' "
-            f"with language in {sorted(text.LANGUAGES)}"
+            f"synthetic_mdlm config arg {arg!r}: expected '<language>' or '<language>,<flag>' "
+            f"with flag in ('smoke', 'cpu') and language in {sorted(text.LANGUAGES)}"
         )
-    return name, "smoke" in flags
+    return name, flags
 
 
 def get_config(arg=None):
-    name, smoke = _parse(arg)
+    name, flags = _parse(arg)
     config = base.get_config()
     config.method = "mdlm_teacher"
     config.data = ml_collections.ConfigDict(
@@ -83,7 +84,13 @@ def get_config(arg=None):
     config.train.log_every = 100
     config.train.checkpoint_every = 1000
 
-    if smoke:
+    if "cpu" in flags:  # the shipped assets/text teacher: minutes on 2 CPU cores
+        config.data.length = 32
+        config.net.update(width=96, depth=3, num_heads=4)
+        config.optim.learning_rate = 2e-3
+        config.eval.sample_steps = (8, 16, 32, 64)
+        config.train.num_steps = 3000
+    if "smoke" in flags:
         config.data.length = 16
         config.net.update(width=32, depth=1, num_heads=2)
         config.optim.update(learning_rate=3e-3, warmup_steps=0)

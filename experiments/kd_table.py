@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -38,8 +37,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # `configs` is a folder of the repository, not an installed package
 
 from configs import digits_classifier, digits_kd  # noqa: E402
-from didistill.distill import get_method  # noqa: E402
 from didistill.distill.kd import CLASSIFIER_FILE, KD_DIVERGENCES, load_classifier  # noqa: E402
+from experiments import common  # noqa: E402
 
 BASELINE = "labels only"
 QUICK_DIVERGENCES = ("forward_kl", "reverse_kl", "jensen_shannon", "total_variation")
@@ -50,12 +49,6 @@ def _settings(quick: bool) -> dict:
     if quick:
         return {"seeds": 2, "steps": 500, "divergences": QUICK_DIVERGENCES}
     return {"seeds": 3, "steps": 2000, "divergences": KD_DIVERGENCES}
-
-
-def _run(config, workdir: str) -> dict:
-    from didistill.train.loop import train
-
-    return train(get_method(config), config, workdir)["eval"]
 
 
 def _teacher(args, steps: int) -> tuple[str, dict | None]:
@@ -70,7 +63,7 @@ def _teacher(args, steps: int) -> tuple[str, dict | None]:
     config.train.num_steps = steps
     config.train.progress = False
     workdir = os.path.join(args.workdir, "teacher")
-    results = _run(config, workdir)
+    results = common.train_run(config, workdir)
     print(f"teacher trained in {workdir}: test accuracy {results['test/accuracy']:.4f}")
     return os.path.join(workdir, CLASSIFIER_FILE), results
 
@@ -171,7 +164,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--divergences", default=None, help="comma-separated KD divergences")
     parser.add_argument("--teacher", default="", help="teacher classifier file (see step 1)")
     parser.add_argument("--data_dir", default="", help="tfds data_dir ('' = TFDS default)")
-    parser.add_argument("--jax_cache", default=None, help="compilation cache dir ('' = off)")
+    common.add_cache_flag(parser)
     args = parser.parse_args(argv)
     settings = _settings(args.quick)
     seeds = args.seeds or settings["seeds"]
@@ -183,13 +176,7 @@ def main(argv=None) -> dict:
     if unknown:
         parser.error(f"unknown divergences {unknown}; valid: {', '.join(KD_DIVERGENCES)}")
 
-    import jax
-
-    cache = os.path.join(args.workdir, "jax_cache") if args.jax_cache is None else args.jax_cache
-    if cache:
-        jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    common.use_compilation_cache(args.workdir, args.jax_cache)
     start = time.perf_counter()
     teacher, teacher_eval = _teacher(args, steps)
     runs: dict[str, list[dict]] = {}
@@ -198,7 +185,7 @@ def main(argv=None) -> dict:
         for seed in range(seeds):
             config = _student_config(name, seed, steps, teacher, args.data_dir)
             workdir = os.path.join(args.workdir, name.replace(" ", "_"), f"seed{seed}")
-            results = _run(config, workdir)
+            results = common.train_run(config, workdir)
             runs[name].append(results)
             print(
                 f"{name:>20s} seed {seed}: accuracy {results['test/accuracy']:.4f}, "
@@ -226,6 +213,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    for logger_name in ("absl", "orbax", "didistill", "jax"):  # one line per run is enough
-        logging.getLogger(logger_name).setLevel(logging.WARNING)
+    common.quiet_logs()
     main()

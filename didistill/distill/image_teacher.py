@@ -94,6 +94,7 @@ def make_feature_fid(config) -> Callable[[Any], float] | None:
 
     Features: the penultimate layer of the classifier at `config.eval.feature_checkpoint`
     (`didistill.distill.kd.load_classifier`); reference: the test split of `config.data`.
+    Samples are clipped to [-1, 1] first (the range of images; standard FID code reads PNGs).
     None when no checkpoint is configured or the file is missing. Not comparable with
     Inception FIDs (see `didistill.eval.fid`).
     """
@@ -110,7 +111,10 @@ def make_feature_fid(config) -> Callable[[Any], float] | None:
     ref_images = (reference if isinstance(reference, dict) else reference.to_arrays())["image"]
     chunks = [ref_images[s : s + 500] for s in range(0, len(ref_images), 500)]
     ref_stats = fid.compute_stats(feature_fn, chunks)
-    return lambda samples: fid.fid(feature_fn, np.asarray(samples), ref_stats, batch_size=500)
+    # samples are clipped to the image range [-1, 1], as saving them as images would do
+    return lambda samples: fid.fid(
+        feature_fn, np.clip(np.asarray(samples), -1.0, 1.0), ref_stats, batch_size=500
+    )
 
 
 def make_method(config) -> Method:

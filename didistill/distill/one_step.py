@@ -226,9 +226,14 @@ def make_method(config) -> Method:
             real = jnp.swapaxes(batch["x"], 0, 1)  # [critic_steps, B, ...]
             real_cond = jnp.swapaxes(batch["label"], 0, 1) if "label" in batch else None
             critic_keys = jax.random.split(k_critic, d.critic_steps)
-            state, critic_metrics = jax.lax.scan(
-                lambda s, inputs: critic_update(s, *inputs), state, (real, real_cond, critic_keys)
-            )
+            # A Python loop, not lax.scan: XLA:CPU leaves convolutions inside a while body in
+            # non-canonical layouts (naive loops, not Eigen): the digits U-Net step ran 8x slower.
+            per_step = []
+            for i in range(d.critic_steps):
+                cond_i = None if real_cond is None else real_cond[i]
+                state, m = critic_update(state, real[i], cond_i, critic_keys[i])
+                per_step.append(m)
+            critic_metrics = jax.tree.map(lambda *v: jnp.stack(v), *per_step)
         (_, (aux, ratio_bins)), grads = jax.value_and_grad(generator_loss, has_aux=True)(
             state.generator, state, k_gen
         )

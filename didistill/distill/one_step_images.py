@@ -17,8 +17,9 @@
   still flow through the frozen teacher into the input image, for the generator's GAN loss;
 - batches: {'x': [B, critic_steps, H, W, C], 'label': [B, critic_steps]} from
   `images.image_batches` (the label only for a conditional teacher);
-- evaluate: `samples.png` (student, 1 NFE) and `teacher_samples.png` (Heun at
-  `config.eval.teacher_nfe`), with the pixel std of both; and, if `config.eval.feature_checkpoint`
+- evaluate: `samples.png` and `samples.npy` (student, 1 NFE, [N, H, W, C], labels cycling
+  0..K-1) and `teacher_samples.png` (Heun at `config.eval.teacher_nfe`; 0 skips the teacher),
+  with the pixel std of both; and, if `config.eval.feature_checkpoint`
   names an existing digits classifier, the feature FID of both against the test split
   (`image_teacher.make_feature_fid`). There is no Inception FID here yet: CIFAR-10 and
   ImageNet-64 runs report no FID.
@@ -139,7 +140,8 @@ def build(config) -> OneStepParts:
             yield out
 
     sample_student = jax.jit(generate_from)
-    heun_steps = edm.heun_steps_for_nfe(config.eval.teacher_nfe)
+    teacher_nfe = int(config.eval.teacher_nfe)  # 0: no teacher samples (fid_table has its own)
+    heun_steps = edm.heun_steps_for_nfe(teacher_nfe) if teacher_nfe else 0
     sample_teacher = jax.jit(
         lambda z, labels: edm.heun_sample(lambda x, s: teacher_denoise(x, s, labels), z, heun_steps)
     )
@@ -148,13 +150,18 @@ def build(config) -> OneStepParts:
         n, chunk = config.eval.num_samples, config.eval.batch_size
         labels = np.arange(n) % num_classes if num_classes else None  # classes in turn
         z = np.asarray(jax.random.normal(key, (n, *image_shape)))
-        student, teacher = [], []
+        samplers = {"student": sample_student}
+        if teacher_nfe:
+            samplers["teacher"] = lambda _, z, lab: sample_teacher(z, lab)
+        samples = {name: [] for name in samplers}
         for s in range(0, n, chunk):
             lab = None if labels is None else jnp.asarray(labels[s : s + chunk])
-            student.append(np.asarray(sample_student(params, z[s : s + chunk], lab)))
-            teacher.append(np.asarray(sample_teacher(z[s : s + chunk], lab)))
-        samples = {"student": np.concatenate(student), "teacher": np.concatenate(teacher)}
-        results = {"student/nfe": 1, "teacher/nfe": edm.heun_nfe(heun_steps)}
+            for name, sampler in samplers.items():
+                samples[name].append(np.asarray(sampler(params, z[s : s + chunk], lab)))
+        samples = {name: np.concatenate(x) for name, x in samples.items()}
+        results = {"student/nfe": 1}
+        if teacher_nfe:
+            results["teacher/nfe"] = edm.heun_nfe(heun_steps)
         fid_fn = image_teacher.make_feature_fid(config)
         for name, x in samples.items():
             results[f"{name}/pixel_std"] = float(x.std())
@@ -162,9 +169,11 @@ def build(config) -> OneStepParts:
                 results[f"{name}/feature_fid"] = fid_fn(x)
         if jax.process_index() == 0:
             cols = num_classes if 0 < num_classes <= 20 else None
+            np.save(os.path.join(workdir, "samples.npy"), samples["student"])
             for name, file in (("student", "samples.png"), ("teacher", "teacher_samples.png")):
-                grid = samples[name][: min(n, 10 * (cols or 10))]
-                image_teacher.save_image_grid(grid, os.path.join(workdir, file), cols)
+                if name in samples:
+                    grid = samples[name][: min(n, 10 * (cols or 10))]
+                    image_teacher.save_image_grid(grid, os.path.join(workdir, file), cols)
         return results
 
     grid = np.asarray(edm.karras_sigmas(d.num_sigmas, d.sigma_min, d.sigma_max))[: d.num_sigmas]

@@ -1,0 +1,41 @@
+"""What the experiment scripts share: engine runs, the compilation cache and quiet logs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+
+def add_cache_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--jax_cache", default=None, help="compilation cache dir ('' = off)")
+
+
+def use_compilation_cache(workdir: str, cache: str | None) -> None:
+    """JAX's persistent compilation cache in `cache` (None: `<workdir>/jax_cache`; '': off).
+
+    Most of a CPU experiment's time is XLA compilation: seeds after the first and reruns
+    reuse the compiled steps.
+    """
+    import jax
+
+    cache = os.path.join(workdir, "jax_cache") if cache is None else cache
+    if cache:
+        jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def train_run(config, workdir: str) -> dict:
+    """The eval results of one engine run of `config` in `workdir` (a finished run is reused,
+    an interrupted one resumed)."""
+    from didistill.distill import get_method
+    from didistill.train.loop import train
+
+    return train(get_method(config), config, workdir)["eval"]
+
+
+def quiet_logs() -> None:
+    """One line per run is enough: engine, orbax and JAX logs at WARNING."""
+    for logger_name in ("absl", "orbax", "didistill", "jax"):
+        logging.getLogger(logger_name).setLevel(logging.WARNING)

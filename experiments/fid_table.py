@@ -1,0 +1,270 @@
+"""The digits FID table: the EDM teacher at several NFE against one-step students.
+
+    .venv/bin/python experiments/fid_table.py [--quick] [--workdir runs/fid_table] [--seeds 1]
+        [--steps 600] [--methods dmd2,forward_kl,...] [--teacher_nfe 35,17,9,5]
+        [--num_samples 1000] [--teacher PATH] [--data_dir DIR]
+
+Rows:
+- 'digits train split': the real training images, the floor of the metric;
+- 'teacher, Heun NFE n': the teacher (`--teacher`, default the shipped
+  `assets/digits/teacher.msgpack`) sampled deterministically with Heun's method (EDM) at each
+  `--teacher_nfe`;
+- 'initial generator (NFE 1)': the teacher's denoiser applied once at sigma_g, which is where
+  every student starts (`generator.init = 'teacher'`), so the students' gain is measured from it;
+- one row per student method of `configs/digits_distill.py` (`dmd2` = reverse KL,
+  `forward_kl`, `jensen_shannon`, `squared_hellinger`, `jeffreys` = f-distill, `uni_instruct`
+  (forward KL) and `sid`), each trained by `didistill.train.loop.train` in
+  `<workdir>/<method>/seed<k>`: ordinary engine runs, so a rerun reuses finished runs (their
+  eval.json) and resumes interrupted ones. Use a new workdir after changing code or configs.
+
+FID protocol (the embedded default; not comparable with Inception FIDs): features are the
+penultimate layer of the shipped digits classifier (`assets/digits/classifier_teacher.msgpack`);
+the reference statistics are those of the whole test split (297 images); each model draws
+`--num_samples` samples (default 1,000) with labels cycling 0..9 from the engine's evaluation
+key of its seed (the teacher rows: seed 0's);
+the table reports the mean and sample std over `--seeds` training seeds (never the minimum).
+Teacher rows have no training seed (one row, std 0).
+
+Writes `<workdir>/results.md` (markdown), `results.json`, `samples.png` (one row per model, the
+digits 0..9 from the same latents) and `fid_bar.png`. The default (7 students x 600 generator
+steps, 1 seed) takes about 40 minutes on 2 CPU cores; `--quick` (3 students, 100 steps, 500
+samples) a few minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # `configs` is a folder of the repository, not an installed package
+
+from configs import digits_distill  # noqa: E402
+from experiments import common  # noqa: E402
+
+METHODS = (
+    "dmd2",
+    "forward_kl",
+    "jensen_shannon",
+    "squared_hellinger",
+    "jeffreys",
+    "uni_instruct",
+    "sid",
+)
+QUICK_METHODS = ("dmd2", "forward_kl", "uni_instruct")
+LABELS = {
+    "dmd2": "DMD2 (reverse KL)",
+    "forward_kl": "f-distill forward KL",
+    "jensen_shannon": "f-distill Jensen-Shannon",
+    "squared_hellinger": "f-distill squared Hellinger",
+    "jeffreys": "f-distill Jeffreys",
+    "uni_instruct": "Uni-Instruct (forward KL)",
+    "sid": "SiD",
+}
+REAL = "digits train split"
+INITIAL = "initial generator (NFE 1)"
+GRID_COLUMNS = 10  # the digits 0..9
+
+
+def _settings(quick: bool) -> dict:
+    if quick:
+        return {"steps": 100, "methods": QUICK_METHODS, "num_samples": 500, "teacher_nfe": "35,9"}
+    return {"steps": 200, "methods": METHODS, "num_samples": 1000, "teacher_nfe": "35,17,9,5"}
+
+
+def student_config(method: str, seed: int, steps: int, args):
+    """`configs/digits_distill.py:<method>` with the table's settings."""
+    config = digits_distill.get_config(method)
+    config.seed = seed
+    config.teacher.checkpoint = args.teacher
+    config.data.data_dir = args.data_dir
+    config.train.num_steps = steps
+    config.train.batch_size = args.batch_size
+    config.distill.critic_steps = args.critic_steps
+    config.train.checkpoint_every = steps
+    config.train.progress = False
+    config.eval.num_samples = args.num_samples
+    config.eval.batch_size = min(500, args.num_samples)
+    config.eval.teacher_nfe = 0  # the teacher rows are computed once, below
+    return config
+
+
+def teacher_rows(config, nfes, num_samples: int):
+    """FID rows and sample grids of the real data, the teacher at each NFE and the initial
+    generator, all from the evaluation key the students use (`train.loop.run_keys`)."""
+    import jax
+    import jax.numpy as jnp
+
+    from didistill.diffusion import edm
+    from didistill.distill import image_teacher
+    from didistill.distill.one_step_images import load_teacher_unet
+    from didistill.train.loop import run_keys
+
+    fid_fn = image_teacher.make_feature_fid(config)
+    if fid_fn is None:
+        raise FileNotFoundError(
+            f"the digits FID needs the classifier {config.eval.feature_checkpoint!r} "
+            "(see assets/README.md for the command that trains it)"
+        )
+    net, variables, shape = load_teacher_unet(config.teacher.checkpoint)
+    eval_key = run_keys(0)[2]
+    z = jax.random.normal(eval_key, (num_samples, *shape))
+    labels = jnp.arange(num_samples) % net.label_dim if net.label_dim else None
+
+    def heun(z, labels, steps):
+        return edm.heun_sample(lambda x, s: net.apply(variables, x, s, labels), z, steps)
+
+    heun = jax.jit(heun, static_argnums=2)
+    sigma_g = float(config.generator.sigma)
+    one_step = jax.jit(lambda z, y: net.apply(variables, sigma_g * z, jnp.full(len(z), sigma_g), y))
+    data = image_teacher.load_train_arrays(config.data)
+    rows, grids = [], {}
+
+    def add(name, samples, nfe):
+        rows.append({"name": name, "nfe": nfe, "seeds": 1, "fid": fid_fn(samples), "fid_std": 0.0})
+        grids[name] = np.asarray(samples[:GRID_COLUMNS])
+
+    add(REAL, data["image"], 0)
+    grids[REAL] = data["image"][[int(np.flatnonzero(data["label"] == k)[0]) for k in range(10)]]
+    for nfe in nfes:
+        steps = edm.heun_steps_for_nfe(nfe)
+        chunks = [
+            heun(z[s : s + 500], None if labels is None else labels[s : s + 500], steps)
+            for s in range(0, num_samples, 500)
+        ]
+        add(f"teacher, Heun NFE {edm.heun_nfe(steps)}", np.concatenate(chunks), edm.heun_nfe(steps))
+    add(INITIAL, np.asarray(one_step(z, labels)), 1)
+    return rows, grids
+
+
+def run_student(config, workdir: str) -> tuple[dict, np.ndarray]:
+    """(eval results, student samples [N, H, W, C]) of one engine run (reused when finished)."""
+    results = common.train_run(config, workdir)
+    return results, np.load(os.path.join(workdir, "samples.npy"))
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    lines = [header, "", "| model | NFE | seeds | digits FID |", "|---|---|---|---|"]
+    for row in rows:
+        fid = f"{row['fid']:.2f}" + (f" ± {row['fid_std']:.2f}" if row["seeds"] > 1 else "")
+        nfe = row["nfe"] if row["nfe"] else "-"
+        lines.append(f"| {row['name']} | {nfe} | {row['seeds']} | {fid} |")
+    return "\n".join(lines) + "\n"
+
+
+def save_grid(grids: dict[str, np.ndarray], path: str) -> str:
+    """One row of GRID_COLUMNS images per model, in the order of `grids`."""
+    from didistill.distill.image_teacher import save_image_grid
+
+    images = np.concatenate([g[:GRID_COLUMNS] for g in grids.values()])
+    return save_image_grid(images, path, GRID_COLUMNS)
+
+
+def plot(rows: list[dict], path: str) -> str:
+    """Horizontal FID bars (grey: data and teacher rows, blue: students) with std error bars."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.0, 0.35 * len(rows) + 1.0))
+    ax = fig.add_subplot(1, 1, 1)
+    y = np.arange(len(rows))
+    students = [row["name"] in LABELS.values() for row in rows]
+    ax.barh(
+        y,
+        [row["fid"] for row in rows],
+        xerr=[row["fid_std"] for row in rows],
+        color=["tab:blue" if s else "tab:gray" for s in students],
+        capsize=2,
+    )
+    ax.set_yticks(y, [row["name"] for row in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("digits feature FID (lower is better)")
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return path
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="runs/fid_table")
+    parser.add_argument("--quick", action="store_true", help="3 students, 100 steps, 500 samples")
+    parser.add_argument("--seeds", type=int, default=1, help="training seeds per student")
+    parser.add_argument("--steps", type=int, default=None, help="generator steps (200; quick 100)")
+    parser.add_argument("--methods", default=None, help=f"comma-separated among {METHODS}")
+    parser.add_argument("--teacher_nfe", default=None, help="Heun NFEs (35,17,9,5; quick 35,9)")
+    parser.add_argument("--num_samples", type=int, default=None, help="samples per model")
+    parser.add_argument("--batch_size", type=int, default=64, help="generator batch (CPU-sized)")
+    parser.add_argument("--critic_steps", type=int, default=1, help="critic updates per step")
+    parser.add_argument("--teacher", default=os.path.join(REPO, "assets/digits/teacher.msgpack"))
+    parser.add_argument("--data_dir", default="data/tfds", help="tfds data_dir of the digits")
+    common.add_cache_flag(parser)
+    args = parser.parse_args(argv)
+    settings = _settings(args.quick)
+    steps = args.steps or settings["steps"]
+    args.num_samples = args.num_samples or settings["num_samples"]
+    methods = settings["methods"]
+    if args.methods:
+        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    if sorted(set(methods) - set(METHODS)):
+        parser.error(f"unknown methods {sorted(set(methods) - set(METHODS))}; valid: {METHODS}")
+    nfes = [int(n) for n in (args.teacher_nfe or settings["teacher_nfe"]).split(",")]
+
+    import jax
+
+    common.use_compilation_cache(args.workdir, args.jax_cache)
+    start = time.perf_counter()
+    rows, grids = teacher_rows(student_config(methods[0], 0, steps, args), nfes, args.num_samples)
+    for row in rows:
+        print(f"{row['name']:>28s}: FID {row['fid']:.2f} ({time.perf_counter() - start:.0f} s)")
+    runs: dict[str, list[dict]] = {}
+    for method in methods:
+        runs[method] = []
+        for seed in range(args.seeds):
+            config = student_config(method, seed, steps, args)
+            workdir = os.path.join(args.workdir, method, f"seed{seed}")
+            results, samples = run_student(config, workdir)
+            runs[method].append(results)
+            if seed == 0:
+                grids[LABELS[method]] = samples[:GRID_COLUMNS]
+            print(
+                f"{method:>28s} seed {seed}: FID {results['student/feature_fid']:.2f} "
+                f"({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
+        fids = np.asarray([r["student/feature_fid"] for r in runs[method]], np.float64)
+        rows.append(
+            {
+                "name": LABELS[method],
+                "nfe": 1,
+                "seeds": len(fids),
+                "fid": float(fids.mean()),
+                "fid_std": float(fids.std(ddof=1)) if len(fids) > 1 else 0.0,
+            }
+        )
+    header = (
+        f"Digits FID (classifier features, {args.num_samples} samples vs the 297 test images); "
+        f"students: {steps} generator steps from the teacher, mean ± std over {args.seeds} "
+        f"seed(s); {time.perf_counter() - start:.0f} s on {jax.devices()[0].device_kind}."
+    )
+    report = markdown(rows, header)
+    os.makedirs(args.workdir, exist_ok=True)
+    with open(os.path.join(args.workdir, "results.md"), "w") as f:
+        f.write(report)
+    settings = {"steps": steps, "seeds": args.seeds, "methods": methods, "teacher_nfe": nfes}
+    settings.update(teacher=args.teacher, num_samples=args.num_samples)
+    with open(os.path.join(args.workdir, "results.json"), "w") as f:
+        json.dump({"settings": settings, "table": rows, "runs": runs}, f, indent=2)
+    save_grid(grids, os.path.join(args.workdir, "samples.png"))
+    plot(rows, os.path.join(args.workdir, "fid_bar.png"))
+    print(report)
+    return {"table": rows, "runs": runs}
+
+
+if __name__ == "__main__":
+    common.quiet_logs()
+    main()

@@ -1,0 +1,260 @@
+"""Few-step text distillation: generative perplexity and entropy against the number of steps.
+
+    .venv/bin/python experiments/ppl_table.py [--quick] [--workdir runs/ppl_table]
+        [--teacher PATH] [--steps 8,16,32,64,128] [--didi_steps 600]
+        [--sdtt_divergences reverse_kl,forward_kl]
+
+On a synthetic language with exact likelihood (the teacher's own `data.language` and
+`data.length`), the exact source is the judge: generative perplexity = exp(mean true NLL per
+token of the samples), always reported with the samples' mean unigram entropy (a collapsed
+sampler has low perplexity and low entropy). Rows:
+- 'source (exact)': exp of the source's entropy per token (the perplexity of perfect samples)
+  and the entropy of held-out data;
+- 'MDLM teacher': the teacher's ancestral sampler at each step count (the DiDi run's
+  evaluation), and at `--teacher_long` steps (1024: with caching the NFE is at most the
+  sequence length; `teacher_samples_report`);
+- 'DiDi-Instruct', 'DiDi-Instruct + guided sampler' (`config.eval.guided`): one run of
+  `configs/synthetic_didi.py` from the teacher;
+- 'step halving (<divergence>)': one run of `configs/synthetic_sdtt.py` per divergence
+  (rounds 64 -> 32 -> 16 -> 8 steps).
+Every student run is an ordinary engine run in `<workdir>/<name>` (reused when finished).
+
+The teacher: `--teacher`, else the shipped `assets/text/markov_small_teacher.msgpack`, else one
+trained here by `configs/synthetic_mdlm.py:markov_small` with the shipped asset's settings.
+Writes `<workdir>/results.md`, `results.json` and `ppl_vs_steps.png`. `--quick` (steps 8 and
+32, 60 student steps, one divergence) runs in a few minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # `configs` is a folder of the repository, not an installed package
+
+from configs import synthetic_didi, synthetic_mdlm, synthetic_sdtt  # noqa: E402
+from experiments import common  # noqa: E402
+
+SHIPPED_TEACHER = "assets/text/markov_small_teacher.msgpack"
+TEACHER_LANGUAGE = "markov_small"
+
+
+def teacher_config():
+    """The shipped text teacher's config (assets/README.md gives the same command)."""
+    return synthetic_mdlm.get_config(f"{TEACHER_LANGUAGE},cpu")
+
+
+def _settings(quick: bool) -> dict:
+    if quick:
+        return {"steps": "8,32", "didi_steps": 60, "sdtt_round": 30, "divergences": "reverse_kl"}
+    return {
+        "steps": "8,16,32,64,128",
+        "didi_steps": 600,
+        "sdtt_round": 200,
+        "divergences": "reverse_kl,forward_kl",
+    }
+
+
+def teacher_path(args) -> str:
+    if args.teacher:
+        return args.teacher
+    shipped = os.path.join(REPO, SHIPPED_TEACHER)
+    if os.path.isfile(shipped):
+        return shipped
+    config = teacher_config()
+    config.train.progress = False
+    workdir = os.path.join(args.workdir, "teacher")
+    common.train_run(config, workdir)
+    from didistill.distill.mdlm_teacher import TEACHER_FILE
+
+    return os.path.join(workdir, TEACHER_FILE)
+
+
+def _common(config, teacher: str, meta: dict, steps: tuple[int, ...]):
+    config.teacher.path = teacher
+    config.data.language = meta["data"]["language"]
+    config.data.length = int(meta["data"]["length"])
+    config.eval.sample_steps = steps
+    config.train.progress = False
+    return config
+
+
+def didi_config(teacher, meta, steps, num_steps: int):
+    config = _common(synthetic_didi.get_config(meta["data"]["language"]), teacher, meta, steps)
+    config.train.num_steps = num_steps
+    config.train.checkpoint_every = num_steps
+    config.eval.guided.enabled = True
+    return config
+
+
+def sdtt_config(teacher, meta, steps, divergence: str, steps_per_round: int):
+    config = _common(synthetic_sdtt.get_config(meta["data"]["language"]), teacher, meta, steps)
+    config.distill.divergence = divergence
+    config.distill.steps_per_round = steps_per_round
+    config.train.num_steps = config.distill.rounds * steps_per_round
+    config.train.checkpoint_every = config.train.num_steps
+    return config
+
+
+def teacher_samples_report(teacher: str, num_steps: int, num_samples: int = 512, seed: int = 0):
+    """`sample_report` (exact judge) of the teacher's ancestral sampler at `num_steps`."""
+    import jax
+    import numpy as np
+
+    from didistill.data import text
+    from didistill.diffusion import masked
+    from didistill.distill.mdlm_teacher import load_teacher_denoiser, logits_fn_of
+    from didistill.eval import text as text_eval
+
+    net, params, meta = load_teacher_denoiser(teacher)
+    lang, length = text.get_language(meta["data"]["language"]), int(meta["data"]["length"])
+    dcfg = meta.get("diffusion", {})
+    schedule = masked.get_schedule(dcfg.get("schedule", "loglinear"), dcfg.get("eps", 1e-3))
+    sample = jax.jit(
+        lambda k, x: masked.ancestral_sample(
+            logits_fn_of(net, params), k, x, schedule, num_steps, cache=not net.time_conditioning
+        )
+    )
+    chunks, nfe = [], 0
+    for i, start in enumerate(range(0, num_samples, 256)):
+        x = masked.all_masked(min(256, num_samples - start), length, net.vocab_size)
+        tokens, used = sample(jax.random.fold_in(jax.random.key(seed), i), x)
+        chunks.append(np.asarray(tokens))
+        nfe = max(nfe, int(used))
+    judge = text_eval.exact_judge(lang)
+    return text_eval.sample_report(np.concatenate(chunks), judge, nfe, lang)
+
+
+def rows_of(name: str, prefix: str, results: dict, steps) -> dict:
+    """{'name', 'cells': {steps: {'gen_ppl', 'entropy', 'nfe', 'invalid_rate'}}} of one eval."""
+    cells = {}
+    for n in steps:
+        key = f"{prefix}/steps{n}/"
+        if key + "gen_ppl" in results:
+            cells[n] = {
+                k: results[key + k]
+                for k in ("gen_ppl", "entropy", "nfe", "invalid_rate")
+                if key + k in results
+            }
+    return {"name": name, "cells": cells}
+
+
+def markdown(rows: list[dict], steps, header: str) -> str:
+    lines = [
+        header,
+        "",
+        "| model | " + " | ".join(f"{n} steps" for n in steps) + " |",
+        "|---" * (len(steps) + 1) + "|",
+    ]
+    for row in rows:
+        cells = []
+        for n in steps:
+            c = row["cells"].get(n)
+            cells.append(f"{c['gen_ppl']:.2f} ({c['entropy']:.2f})" if c else "-")
+        lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], source_ppl: float, path: str) -> str:
+    """Generative perplexity and entropy against sampler steps (log x), one line per model."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10.0, 3.8))
+    axes = [fig.add_subplot(1, 2, i + 1) for i in range(2)]
+    for row in rows:
+        steps = sorted(row["cells"])
+        if not steps:
+            continue
+        for ax, metric in zip(axes, ("gen_ppl", "entropy"), strict=True):
+            ax.plot(steps, [row["cells"][n][metric] for n in steps], "o-", label=row["name"])
+    axes[0].axhline(source_ppl, color="k", ls="--", lw=1, label="source (exact)")
+    for ax, label in zip(
+        axes, ("generative perplexity (exact judge)", "unigram entropy"), strict=True
+    ):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sampler steps")
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=7)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return path
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="runs/ppl_table")
+    parser.add_argument("--quick", action="store_true", help="2 step counts, short runs")
+    parser.add_argument("--teacher", default="", help="teacher_params.msgpack (see above)")
+    parser.add_argument("--steps", default=None, help="sampler steps (8,16,32,64,128)")
+    parser.add_argument("--teacher_long", type=int, default=1024, help="the teacher's long run")
+    parser.add_argument("--didi_steps", type=int, default=None, help="DiDi-Instruct steps")
+    parser.add_argument("--sdtt_round", type=int, default=None, help="step-halving steps/round")
+    parser.add_argument("--sdtt_divergences", default=None, help="comma-separated divergences")
+    common.add_cache_flag(parser)
+    args = parser.parse_args(argv)
+    settings = _settings(args.quick)
+    steps = tuple(int(n) for n in (args.steps or settings["steps"]).split(","))
+    divergences = [d for d in (args.sdtt_divergences or settings["divergences"]).split(",") if d]
+    import jax
+
+    from didistill.distill.mdlm_teacher import load_teacher
+
+    common.use_compilation_cache(args.workdir, args.jax_cache)
+    start = time.perf_counter()
+    teacher = teacher_path(args)
+    meta = load_teacher(teacher)[1]
+    all_steps = (*steps, args.teacher_long)
+
+    didi_steps = args.didi_steps or settings["didi_steps"]
+    didi = common.train_run(
+        didi_config(teacher, meta, steps, didi_steps), os.path.join(args.workdir, "didi")
+    )
+    long_report = teacher_samples_report(teacher, args.teacher_long)
+    print(f"DiDi-Instruct done ({time.perf_counter() - start:.0f} s)", flush=True)
+    source_ppl = didi["source/gen_ppl"]
+    rows = [
+        {
+            "name": "source (exact)",
+            "cells": {n: {"gen_ppl": source_ppl, "entropy": didi["data/entropy"]} for n in steps},
+        },
+        rows_of("MDLM teacher", "teacher", didi, steps),
+        rows_of("DiDi-Instruct", "student", didi, steps),
+        rows_of("DiDi-Instruct + guided sampler", "student_guided", didi, steps),
+    ]
+    rows[1]["cells"][args.teacher_long] = long_report
+    runs = {"didi": didi, f"teacher_{args.teacher_long}_steps": long_report}
+    for divergence in divergences:
+        config = sdtt_config(
+            teacher, meta, steps, divergence, args.sdtt_round or settings["sdtt_round"]
+        )
+        results = common.train_run(config, os.path.join(args.workdir, f"sdtt_{divergence}"))
+        runs[f"sdtt_{divergence}"] = results
+        rows.append(rows_of(f"step halving ({divergence})", "student", results, steps))
+        print(f"step halving {divergence} done ({time.perf_counter() - start:.0f} s)", flush=True)
+
+    columns = all_steps
+    header = (
+        f"{meta['data']['language']}, length {meta['data']['length']}: generative perplexity "
+        f"under the exact source (unigram entropy in brackets) against sampler steps; "
+        f"DiDi-Instruct {didi_steps} steps; {time.perf_counter() - start:.0f} s on "
+        f"{jax.devices()[0].device_kind}. Source: exact perplexity {source_ppl:.2f}."
+    )
+    report = markdown(rows, columns, header)
+    os.makedirs(args.workdir, exist_ok=True)
+    with open(os.path.join(args.workdir, "results.md"), "w") as f:
+        f.write(report)
+    with open(os.path.join(args.workdir, "results.json"), "w") as f:
+        json.dump({"steps": columns, "table": rows, "runs": runs}, f, indent=2, default=float)
+    plot(rows[1:], source_ppl, os.path.join(args.workdir, "ppl_vs_steps.png"))
+    print(report)
+    return {"table": rows, "runs": runs, "teacher": teacher}
+
+
+if __name__ == "__main__":
+    common.quiet_logs()
+    main()
