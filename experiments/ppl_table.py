@@ -103,7 +103,6 @@ def sdtt_config(teacher, meta, steps, divergence: str, steps_per_round: int):
 def teacher_samples_report(teacher: str, num_steps: int, num_samples: int = 512, seed: int = 0):
     """`sample_report` (exact judge) of the teacher's ancestral sampler at `num_steps`."""
     import jax
-    import numpy as np
 
     from didistill.data import text
     from didistill.diffusion import masked
@@ -119,14 +118,10 @@ def teacher_samples_report(teacher: str, num_steps: int, num_samples: int = 512,
             logits_fn_of(net, params), k, x, schedule, num_steps, cache=not net.time_conditioning
         )
     )
-    chunks, nfe = [], 0
-    for i, start in enumerate(range(0, num_samples, 256)):
-        x = masked.all_masked(min(256, num_samples - start), length, net.vocab_size)
-        tokens, used = sample(jax.random.fold_in(jax.random.key(seed), i), x)
-        chunks.append(np.asarray(tokens))
-        nfe = max(nfe, int(used))
-    judge = text_eval.exact_judge(lang)
-    return text_eval.sample_report(np.concatenate(chunks), judge, nfe, lang)
+    tokens, nfe = text_eval.sample_in_chunks(
+        sample, jax.random.key(seed), num_samples, 256, length, net.vocab_size
+    )
+    return text_eval.sample_report(tokens, text_eval.exact_judge(lang), nfe, lang)
 
 
 def rows_of(name: str, prefix: str, results: dict, steps) -> dict:

@@ -9,24 +9,13 @@ import pytest
 
 from configs import synthetic_didi
 from didistill.distill import didi
-from didistill.distill.mdlm_teacher import make_denoiser, save_teacher
-
-LANGUAGE, LENGTH = "markov_tiny", 8
+from tests.tiny_text_teacher import LANGUAGE, LENGTH, save_tiny_teacher
 
 
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory):
     """A random (perturbed, so not uniform) 2-block DiT teacher for markov_tiny (V = 4)."""
-    net_cfg = dict(vocab_size=4, max_length=LENGTH, width=16, depth=2, num_heads=2, cond_dim=8)
-    net = make_denoiser(net_cfg)
-    params = net.init(jax.random.key(0), jnp.full((1, LENGTH), 4, jnp.int32), jnp.ones((1,)))
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    leaves = [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
-    meta = {"data": {"language": LANGUAGE, "length": LENGTH}, "net": net_cfg,
-            "diffusion": {"schedule": "loglinear", "eps": 1e-3}}  # fmt: skip
-    path = tmp_path_factory.mktemp("teacher") / "teacher_params.msgpack"
-    return save_teacher(str(path), jax.tree.unflatten(tree, leaves), meta)
+    return save_tiny_teacher(tmp_path_factory.mktemp("teacher"), depth=2)
 
 
 def _config(teacher_path, **distill):

@@ -13,7 +13,7 @@ from configs import synthetic_didi
 from didistill.diffusion import masked
 from didistill.distill import didi
 from didistill.distill.guided_sampling import guided_sample, tilt_log_probs
-from didistill.distill.mdlm_teacher import make_denoiser, save_teacher
+from tests.tiny_text_teacher import LANGUAGE, LENGTH, save_tiny_teacher
 
 V, L = 4, 8  # tokens 0..3, [MASK] = 4
 MASK = V
@@ -158,22 +158,13 @@ def test_nfe_counts_every_network_call():
     }  # fmt: skip
 
 
-# DiDi-Instruct's evaluate with the guided sampler (the tests/test_didi.py fixture pattern)
-LANGUAGE, LENGTH = "markov_tiny", 8
+# DiDi-Instruct's evaluate with the guided sampler
 
 
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory):
-    net_cfg = dict(vocab_size=4, max_length=LENGTH, width=16, depth=2, num_heads=2, cond_dim=8)
-    net = make_denoiser(net_cfg)
-    params = net.init(jax.random.key(0), jnp.full((1, LENGTH), 4, jnp.int32), jnp.ones((1,)))
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    leaves = [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
-    meta = {"data": {"language": LANGUAGE, "length": LENGTH}, "net": net_cfg,
-            "diffusion": {"schedule": "loglinear", "eps": 1e-3}}  # fmt: skip
-    path = tmp_path_factory.mktemp("teacher") / "teacher_params.msgpack"
-    return save_teacher(str(path), jax.tree.unflatten(tree, leaves), meta)
+    """The tests/test_didi.py teacher: 2 random DiT blocks for markov_tiny."""
+    return save_tiny_teacher(tmp_path_factory.mktemp("teacher"), depth=2)
 
 
 def _didi_config(teacher_path, **guided):

@@ -12,10 +12,9 @@ import pytest
 from configs import synthetic_sdtt
 from didistill.diffusion import masked
 from didistill.distill import step_halving as sh
-from didistill.distill.mdlm_teacher import make_denoiser, save_teacher
 from didistill.divergences.categorical import categorical_names
+from tests.tiny_text_teacher import LANGUAGE, LENGTH, save_tiny_teacher
 
-LANGUAGE, LENGTH = "markov_tiny", 8
 V, L, MASK = 2, 3, 2  # the enumerable setting: 2 tokens, 3 positions
 SCHEDULE = masked.get_schedule("loglinear", 1e-3)
 T, M, S = 0.9, 0.6, 0.3
@@ -25,21 +24,7 @@ PARAMS = {"alpha": {"alpha": 0.5}, "skew_kl": {}, "alpha_beta": {"alpha": 0.2, "
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory):
     """A random (perturbed, so not uniform) 1-block DiT teacher for markov_tiny (V = 4)."""
-    net_cfg = dict(vocab_size=4, max_length=LENGTH, width=16, depth=1, num_heads=2, cond_dim=8)
-    net = make_denoiser(net_cfg)
-
-    @jax.jit
-    def perturbed_init(key):
-        params = net.init(key, jnp.full((1, LENGTH), 4, jnp.int32), jnp.ones((1,)))
-        leaves, tree = jax.tree.flatten(params)
-        keys = jax.random.split(jax.random.key(1), len(leaves))
-        noise = [0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
-        return jax.tree.unflatten(tree, [x + n for x, n in zip(leaves, noise, strict=True)])
-
-    meta = {"data": {"language": LANGUAGE, "length": LENGTH}, "net": net_cfg,
-            "diffusion": {"schedule": "loglinear", "eps": 1e-3}}  # fmt: skip
-    path = tmp_path_factory.mktemp("teacher") / "teacher_params.msgpack"
-    return save_teacher(str(path), perturbed_init(jax.random.key(0)), meta)
+    return save_tiny_teacher(tmp_path_factory.mktemp("teacher"), depth=1)
 
 
 def _config(teacher_path, **distill):

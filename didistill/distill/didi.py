@@ -306,15 +306,9 @@ def make_method(config) -> Method:
                 logits_fn_of(net, p), k, x, schedule, num_steps, cache=cache
             )
         )
-        chunks, nfe, n = [], 0, ecfg.num_samples
-        for i, start in enumerate(range(0, n, ecfg.batch_size)):
-            rows = min(ecfg.batch_size, n - start)
-            tokens, used = fn(
-                params, jax.random.fold_in(key, i), masked.all_masked(rows, length, mask_id)
-            )
-            chunks.append(np.asarray(tokens))
-            nfe = max(nfe, int(used))
-        return np.concatenate(chunks), nfe
+        return text_eval.sample_in_chunks(
+            lambda k, x: fn(params, k, x), key, ecfg.num_samples, ecfg.batch_size, length, mask_id
+        )
 
     def sample_guided(params, disc, key, num_steps):
         """RGAS samples [num_samples, L] of `params` steered by `disc`, and the NFE dict."""
@@ -341,14 +335,11 @@ def make_method(config) -> Method:
                 x_init=x,
             )  # fmt: skip
 
-        fn, chunks, nfe, n = jax.jit(run), [], {}, ecfg.num_samples
-        for i, start in enumerate(range(0, n, ecfg.batch_size)):
-            rows = min(ecfg.batch_size, n - start)
-            x_init = masked.all_masked(rows, length, mask_id)
-            tokens, used = fn(params, disc, jax.random.fold_in(key, i), x_init)
-            chunks.append(np.asarray(tokens))
-            nfe = {k: max(nfe.get(k, 0), int(v)) for k, v in used.items()}
-        return np.concatenate(chunks), nfe
+        fn = jax.jit(run)
+        return text_eval.sample_in_chunks(
+            lambda k, x: fn(params, disc, k, x),
+            key, ecfg.num_samples, ecfg.batch_size, length, mask_id,
+        )  # fmt: skip
 
     def evaluate(state, key, workdir):
         del workdir
@@ -358,11 +349,8 @@ def make_method(config) -> Method:
         )
         results = {f"data/{k}": v for k, v in text_eval.sample_report(data, judge, 0, lang).items()}
         models = {"student": jax.device_get(state.student_ema), "teacher": teacher_params}
-        for name, params in models.items():
-            for num_steps in ecfg.sample_steps:
-                tokens, nfe = sample(params, jax.random.fold_in(key, num_steps), num_steps)
-                report = text_eval.sample_report(tokens, judge, nfe, lang)
-                results.update({f"{name}/steps{num_steps}/{k}": v for k, v in report.items()})
+        steps = ecfg.sample_steps
+        results.update(text_eval.reports_at_steps(sample, models, key, steps, judge, lang))
         if ecfg.get("guided") is not None and ecfg.guided.enabled:
             disc = jax.device_get(state.discriminator)
             for num_steps in ecfg.sample_steps:  # the plain student's keys: paired comparison

@@ -191,14 +191,9 @@ def make_method(config) -> Method:
                 logits_fn_of(net, p), k, x, schedule, num_steps, cache=cache, dtype=dtype
             )
         )
-        chunks, nfe, n = [], 0, ecfg.num_samples
-        for i, start in enumerate(range(0, n, ecfg.batch_size)):
-            rows = min(ecfg.batch_size, n - start)
-            x_init = masked.all_masked(rows, length, mask_id)
-            tokens, used = fn(params, jax.random.fold_in(key, i), x_init)
-            chunks.append(np.asarray(tokens))
-            nfe = max(nfe, int(used))  # NFE per sampling run (one batch of samples)
-        return np.concatenate(chunks), nfe
+        return text_eval.sample_in_chunks(
+            lambda k, x: fn(params, k, x), key, ecfg.num_samples, ecfg.batch_size, length, mask_id
+        )
 
     def evaluate(state, key, workdir):
         ema_params = jax.device_get(state.ema_params)

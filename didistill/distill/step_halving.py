@@ -334,15 +334,9 @@ def make_method(config) -> Method:
                 )
             )
         fn = samplers[num_steps]
-        chunks, nfe, n = [], 0, ecfg.num_samples
-        for i, start in enumerate(range(0, n, ecfg.batch_size)):
-            rows = min(ecfg.batch_size, n - start)
-            tokens, used = fn(
-                params, jax.random.fold_in(key, i), masked.all_masked(rows, length, mask_id)
-            )
-            chunks.append(np.asarray(tokens))
-            nfe = max(nfe, int(used))
-        return np.concatenate(chunks), nfe
+        return text_eval.sample_in_chunks(
+            lambda k, x: fn(params, k, x), key, ecfg.num_samples, ecfg.batch_size, length, mask_id
+        )
 
     def evaluate(state, key, workdir):
         del workdir
@@ -352,11 +346,8 @@ def make_method(config) -> Method:
         )
         results = {f"data/{k}": v for k, v in text_eval.sample_report(data, judge, 0, lang).items()}
         models = {"student": jax.device_get(state.student_ema), "teacher": teacher_params}
-        for name, params in models.items():
-            for num_steps in ecfg.sample_steps:
-                tokens, nfe = sample(params, jax.random.fold_in(key, num_steps), num_steps)
-                report = text_eval.sample_report(tokens, judge, nfe, lang)
-                results.update({f"{name}/steps{num_steps}/{k}": v for k, v in report.items()})
+        steps = ecfg.sample_steps
+        results.update(text_eval.reports_at_steps(sample, models, key, steps, judge, lang))
         final_round = int(jax.device_get(state.round))
         results["distill/round"] = final_round
         results["distill/student_steps"] = d.teacher_steps // 2 ** (final_round + 1)

@@ -88,6 +88,38 @@ def sample_report(tokens, judge: Judge, nfe, language=None) -> dict[str, float]:
     return report
 
 
+def sample_in_chunks(sample_fn, key, num_samples: int, batch_size: int, length: int, mask_id: int):
+    """(tokens [num_samples, length], NFE) from an all-[MASK] start, `batch_size` rows at a time.
+
+    sample_fn: `(key, x_init [rows, L]) -> (tokens [rows, L], nfe)`, nfe an int or a dict of
+    ints; chunk i uses `fold_in(key, i)`. The NFE returned is the largest of any chunk (NFE
+    per sampling run), leaf by leaf.
+    """
+    chunks, nfe = [], None
+    for i, start in enumerate(range(0, num_samples, batch_size)):
+        x_init = masked.all_masked(min(batch_size, num_samples - start), length, mask_id)
+        tokens, used = sample_fn(jax.random.fold_in(key, i), x_init)
+        chunks.append(np.asarray(tokens))
+        used = jax.tree.map(int, used)
+        nfe = used if nfe is None else jax.tree.map(max, nfe, used)
+    return np.concatenate(chunks), nfe
+
+
+def reports_at_steps(sample, models, key, sample_steps, judge: Judge, language=None):
+    """{'<model>/steps<N>/<metric>': value} of `sample_report` for every model and step count.
+
+    sample: `(params, key, num_steps) -> (tokens [N, L], nfe)`; models: {name: params}; the
+    samples at N steps use `fold_in(key, N)` for every model (paired comparisons).
+    """
+    results = {}
+    for name, params in models.items():
+        for num_steps in sample_steps:
+            tokens, nfe = sample(params, jax.random.fold_in(key, num_steps), num_steps)
+            report = sample_report(tokens, judge, nfe, language)
+            results.update({f"{name}/steps{num_steps}/{k}": v for k, v in report.items()})
+    return results
+
+
 def heldout_nelbo(
     logits_fn: masked.LogitsFn,
     batches: Iterable,
@@ -125,6 +157,8 @@ __all__ = [
     "heldout_nelbo",
     "invalid_rate",
     "judge_nll",
+    "reports_at_steps",
+    "sample_in_chunks",
     "sample_report",
     "unigram_entropies",
     "unigram_entropy",
