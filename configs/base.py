@@ -33,6 +33,20 @@ def optimizer(
     )
 
 
+def language_arg(arg, config_name: str, allowed_flags=("smoke",)) -> tuple[str, set[str]]:
+    """'<language>[,flag,...]' of the synthetic-language configs -> (language, flags)."""
+    from didistill.data import text
+
+    parts = [p.strip() for p in (arg or "markov").split(",") if p.strip()]
+    name, flags = parts[0], set(parts[1:])
+    if name not in text.LANGUAGES or not flags <= set(allowed_flags):
+        raise ValueError(
+            f"{config_name} config arg {arg!r}: expected '<language>' or '<language>,<flag>' "
+            f"with flag in {tuple(allowed_flags)} and language in {sorted(text.LANGUAGES)}"
+        )
+    return name, flags
+
+
 def get_config():
     config = ml_collections.ConfigDict()
     config.method = ""  # a registered method name, or "package.module:factory"

@@ -13,22 +13,10 @@ step counts, held-out NELBO against the exact entropy) and teacher_params.msgpac
 import ml_collections
 
 from configs import base
-from didistill.data import text
-
-
-def _parse(arg):
-    parts = [p.strip() for p in (arg or "markov").split(",") if p.strip()]
-    name, flags = parts[0], set(parts[1:])
-    if name not in text.LANGUAGES or not flags <= {"smoke", "cpu"}:
-        raise ValueError(
-            f"synthetic_mdlm config arg {arg!r}: expected '<language>' or '<language>,<flag>' "
-            f"with flag in ('smoke', 'cpu') and language in {sorted(text.LANGUAGES)}"
-        )
-    return name, flags
 
 
 def get_config(arg=None):
-    name, flags = _parse(arg)
+    name, flags = base.language_arg(arg, "synthetic_mdlm", ("smoke", "cpu"))
     config = base.get_config()
     config.method = "mdlm_teacher"
     config.data = ml_collections.ConfigDict(

@@ -16,22 +16,11 @@ import ml_collections
 from ml_collections import config_dict
 
 from configs import base
-from didistill.data import text
-
-
-def _parse(arg):
-    parts = [p.strip() for p in (arg or "markov").split(",") if p.strip()]
-    name, flags = parts[0], set(parts[1:])
-    if name not in text.LANGUAGES or not flags <= {"smoke"}:
-        raise ValueError(
-            f"synthetic_sdtt config arg {arg!r}: expected '<language>' or '<language>,smoke' "
-            f"with language in {sorted(text.LANGUAGES)}"
-        )
-    return name, "smoke" in flags
 
 
 def get_config(arg=None):
-    name, smoke = _parse(arg)
+    name, flags = base.language_arg(arg, "synthetic_sdtt")
+    smoke = "smoke" in flags
     config = base.get_config()
     config.method = "step_halving"
     config.teacher = ml_collections.ConfigDict(dict(path=""))  # teacher_params.msgpack
