@@ -7,12 +7,21 @@
     --config=configs/imagenet64_distill.py:uni_instruct    Uni-Instruct
     --config=configs/imagenet64_distill.py:dmd2,smoke      two tiny steps, for tests
 
-Teacher: `data/edm/edm-imagenet64-cond.msgpack`, a `convert_edm.save_unet` file of a
-class-conditional (label_dim 1000) 64x64 DDPM++ U-Net with an 8x8 encoder level. NOTE: EDM's
-released ImageNet-64 model (edm-imagenet-64x64-cond-adm) is an ADM network, which
-`didistill.nets.convert_edm` does not convert yet; until it does, this config needs a DDPM++
-teacher trained or converted by the user. Data: tfds `imagenet_resized/64x64` prepared in
-array_record format under `config.data.data_dir` (see didistill/data/images.py).
+Teacher: `data/edm/edm-imagenet64-cond.msgpack`, EDM's released class-conditional ImageNet-64
+model (edm-imagenet-64x64-cond-adm.pkl: an ADM network, `didistill.nets.adm.ADMDenoiser`,
+295.9M parameters, encoder levels 64/32/16/8) converted by `didistill.nets.convert_edm`.
+Export its state dict with EDM's code (see the docstring of convert_edm), then convert:
+
+    python -c "import pickle, numpy as np, dnnlib; \\
+        net = pickle.load(open('edm-imagenet-64x64-cond-adm.pkl', 'rb'))['ema']; \\
+        np.savez('edm-imagenet64-cond.npz', \\
+                 **{k: v.cpu().numpy() for k, v in net.state_dict().items()})"  # in NVlabs/edm
+    python -m didistill.nets.convert_edm edm-imagenet64-cond.npz \\
+        data/edm/edm-imagenet64-cond.msgpack --config=edm-imagenet64-cond
+
+Any `convert_edm.save_unet` file of a label_dim-1000 64x64 network with an 8x8 encoder level
+(ADM or DDPM++) also works. Data: tfds `imagenet_resized/64x64` prepared in array_record
+format under `config.data.data_dir` (see didistill/data/images.py).
 
 Hyperparameters (reference/continuous_distillation.md 1.4, 2.4, 3.3, 3.4):
 - f_distill [f-distill Table 5, FastGen config_f_distill_in64]: global batch 512, AdamW lr

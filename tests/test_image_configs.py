@@ -63,23 +63,31 @@ FULL = os.environ.get("DIDISTILL_SLOW_TESTS") == "1"  # the configs' real discri
     "module,resolution,label_dim", [(cifar10_distill, 32, 10), (imagenet64_distill, 64, 1000)]
 )
 def test_smoke_config_runs_two_steps(module, resolution, label_dim, tmp_path, monkeypatch):
-    """Two steps at the dataset's image size and label count. By default the tiny teacher has
-    one U-Net level (compiling a deeper one costs minutes on a loaded CPU), so the head reads
-    its only feature map; DIDISTILL_SLOW_TESTS=1 uses levels down to 8x8 and the config's
-    discriminator resolutions."""
+    """Two steps at the dataset's image size and label count, with a tiny teacher of the
+    architecture the config's real teacher has (DDPM++ for CIFAR-10, ADM for ImageNet-64). By
+    default it has one U-Net level (compiling a deeper one costs minutes on a loaded CPU), so
+    the head reads its only feature map; DIDISTILL_SLOW_TESTS=1 uses levels down to 8x8 (ADM
+    with attention at 8x8) and the config's discriminator resolutions."""
     from didistill.distill import image_teacher
+    from didistill.nets.convert_edm import load_unet
+    from tests.test_adm import save_tiny_adm_teacher
     from tests.test_one_step_images import random_data, run_two_steps, save_tiny_teacher
 
     levels = int(np.log2(resolution // 8)) + 1 if FULL else 1
-    teacher = save_tiny_teacher(
-        tmp_path / "t.msgpack", resolution, 3, label_dim, channel_mult=(1,) * levels
-    )
+    mult, path = (1,) * levels, tmp_path / "t.msgpack"
+    if module is imagenet64_distill:
+        attn = (8,) if FULL else ()
+        teacher = save_tiny_adm_teacher(path, resolution, label_dim, mult, attn_resolutions=attn)
+    else:
+        teacher = save_tiny_teacher(path, resolution, 3, label_dim, channel_mult=mult)
     data = random_data((resolution, resolution, 3), label_dim)
     monkeypatch.setattr(image_teacher, "load_train_arrays", lambda cfg, split="train": data)
     config = module.get_config("dmd2,smoke")
     config.teacher.checkpoint = teacher
     if not FULL:
         config.discriminator.resolutions = (resolution,)
+    arch = "adm" if module is imagenet64_distill else "unet"
+    assert load_unet(teacher)[2]["net"]["arch"] == arch
     _, _, batch = run_two_steps(config)
     assert batch["x"].shape == (4, 1, resolution, resolution, 3)
     assert batch["label"].shape == (4, 1) and np.all(batch["label"] < label_dim)

@@ -47,7 +47,8 @@ def load_teacher_unet(path: str):
         raise FileNotFoundError(
             f"config.teacher.checkpoint={path!r} does not exist. For digits train a teacher "
             "(python -m didistill.main --config=configs/digits_teacher.py --workdir=DIR, which "
-            "writes DIR/teacher.msgpack; see assets/README.md); for CIFAR-10 convert EDM's "
+            "writes DIR/teacher.msgpack; see assets/README.md); for CIFAR-10 (DDPM++) and "
+            "ImageNet-64 (ADM) convert EDM's "
             "weights with python -m didistill.nets.convert_edm (see its docstring). Run from "
             "the repository root or pass --config.teacher.checkpoint=PATH."
         )

@@ -1,4 +1,5 @@
-"""Convert EDM DDPM++ (SongUNet) weights between PyTorch state-dict naming and our Flax tree.
+"""Convert EDM U-Net weights (DDPM++ SongUNet, ADM DhariwalUNet) between PyTorch state-dict
+naming and our Flax tree.
 
 EDM (Karras et al. 2022, NVlabs/edm) ships networks as pickles that need EDM's own code
 (`dnnlib`, `torch_utils`) to load. This project cannot run that code, so the user exports the
@@ -16,12 +17,14 @@ and then, here,
     python -m didistill.nets.convert_edm edm-cifar10-cond.npz teacher.msgpack \\
         --config=edm-cifar10-cond
 
-(`--config` is a preset name from `PRESETS`, an inline JSON object, or a .json file with the
-fields of `UNetDenoiser` plus `img_resolution` and `img_channels`). Only the DDPM++ flavour
-('-vp' pickles, `--arch=ddpmpp`) is supported: NCSN++ ('-ve') and ADM (ImageNet-64) use other
-layers.
+The same export of `edm-imagenet-64x64-cond-adm.pkl` (an EDMPrecond wrapping a DhariwalUNet)
+converts with `--config=edm-imagenet64-cond`. `--config` is a preset name from `PRESETS`, an
+inline JSON object, or a .json file with the fields of the network plus `img_resolution`,
+`img_channels` and `arch`: 'unet' (the default; `UNetDenoiser`, EDM's DDPM++ of the '-vp'
+pickles) or 'adm' (`didistill.nets.adm.ADMDenoiser`, EDM's ADM of ImageNet-64). NCSN++ ('-ve'
+pickles) uses other layers and is not supported.
 
-Name and layout mapping (state dict <-> Flax, see `didistill.nets.unet`):
+Name and layout mapping (state dict <-> Flax, see `didistill.nets.unet` and `.adm`):
 
     model.<path>.weight  [O, I, kh, kw]  <->  ('model', *path, 'kernel') [kh, kw, I, O]  (conv)
     model.<path>.weight  [O, I]          <->  ('model', *path, 'kernel') [I, O]          (linear)
@@ -29,10 +32,12 @@ Name and layout mapping (state dict <-> Flax, see `didistill.nets.unet`):
     model.<path>.bias    [C]             <->  ('model', *path, 'bias')   [C]
 
 plus the buffers `model.*.conv0.resample_filter` / `model.*.skip.resample_filter`
-([1, 1, 2, 2], all 1/4, the [1, 1] filter) of up/down blocks, which carry no parameter and
-are checked, then dropped. The written file has the layout of
-`didistill.distill.teacher.save_teacher` (format 'didistill.teacher/1'), with
-meta['net'] = the U-Net config (and meta['net']['arch'] = 'unet'), so `load_teacher` reads it.
+([1, 1, 2, 2], all 1/4, the [1, 1] filter of both DDPM++ and ADM) of up/down blocks, which
+carry no parameter and are checked, then dropped (ADM's up/down skips are only that filter: no
+`skip.weight`). The written file has the layout of `didistill.distill.teacher.save_teacher`
+(format 'didistill.teacher/1'), with meta['net'] = the network config including
+meta['net']['arch'] ('unet' or 'adm'), so `load_teacher` reads it and `load_unet` rebuilds
+the network.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from didistill.nets.adm import ADMDenoiser
 from didistill.nets.unet import UNetDenoiser
 
 FORMAT = "didistill.teacher/1"  # same file layout as didistill.distill.teacher.save_teacher
@@ -65,9 +71,23 @@ _EDM_CIFAR10 = dict(
     img_resolution=32,
     img_channels=3,
 )
+_EDM_IMAGENET64 = dict(  # EDM's train.py --arch=adm preset and its ImageNet-64 run
+    arch="adm",
+    model_channels=192,
+    channel_mult=[1, 2, 3, 4],
+    channel_mult_emb=4,
+    num_blocks=3,
+    attn_resolutions=[32, 16, 8],
+    dropout=0.10,
+    label_dropout=0.0,
+    augment_dim=0,
+    img_resolution=64,
+    img_channels=3,
+)
 PRESETS: dict[str, dict[str, Any]] = {
     "edm-cifar10-cond": dict(_EDM_CIFAR10, label_dim=10),
     "edm-cifar10-uncond": dict(_EDM_CIFAR10, label_dim=0),
+    "edm-imagenet64-cond": dict(_EDM_IMAGENET64, label_dim=1000),
 }
 _NET_FIELDS = (
     "model_channels",
@@ -81,27 +101,41 @@ _NET_FIELDS = (
     "augment_dim",
     "sigma_data",
 )
+ARCHS = {  # config['arch'] -> (denoiser class, its config fields)
+    "unet": (UNetDenoiser, _NET_FIELDS),
+    "adm": (ADMDenoiser, (*_NET_FIELDS, "channels_per_head")),
+}
+Denoiser = UNetDenoiser | ADMDenoiser
 
 
 class StateDictError(ValueError):
     """An EDM state dict does not match the U-Net it is converted into."""
 
 
-def unet_from_config(config: Mapping[str, Any]) -> tuple[UNetDenoiser, tuple[int, int, int]]:
-    """(UNetDenoiser, image shape (H, W, C)) from a config with the net's fields and
-    `img_resolution`, `img_channels`. Unknown keys are an error."""
-    unknown = set(config) - set(_NET_FIELDS) - {"img_resolution", "img_channels", "arch"}
+def _arch(config: Mapping[str, Any]) -> str:
+    arch = config.get("arch", "unet")
+    if arch not in ARCHS:
+        raise ValueError(f"unknown U-Net arch {arch!r}; known: {sorted(ARCHS)}")
+    return arch
+
+
+def unet_from_config(config: Mapping[str, Any]) -> tuple[Denoiser, tuple[int, int, int]]:
+    """(denoiser, image shape (H, W, C)) from a config with the net's fields, `img_resolution`,
+    `img_channels` and `arch` ('unet', the default: `UNetDenoiser`; 'adm': `ADMDenoiser`).
+    Unknown keys are an error."""
+    cls, fields = ARCHS[_arch(config)]
+    unknown = set(config) - set(fields) - {"img_resolution", "img_channels", "arch"}
     if unknown:
-        raise ValueError(f"unknown U-Net config keys {sorted(unknown)}; known: {_NET_FIELDS}")
-    kwargs = {k: config[k] for k in _NET_FIELDS if k in config}
+        raise ValueError(f"unknown U-Net config keys {sorted(unknown)}; known: {fields}")
+    kwargs = {k: config[k] for k in fields if k in config}
     for key in ("channel_mult", "attn_resolutions"):
         if key in kwargs:
             kwargs[key] = tuple(int(v) for v in kwargs[key])
     res = int(config.get("img_resolution", 32))
-    return UNetDenoiser(**kwargs), (res, res, int(config.get("img_channels", 3)))
+    return cls(**kwargs), (res, res, int(config.get("img_channels", 3)))
 
 
-def param_template(net: UNetDenoiser, image_shape) -> dict:
+def param_template(net: Denoiser, image_shape) -> dict:
     """Shapes/dtypes of `net`'s variables ({'params': ...}) without computing anything."""
     x = jnp.zeros((1, *image_shape), jnp.float32)
     labels = jnp.zeros((1,), jnp.int32) if net.label_dim else None
@@ -143,6 +177,15 @@ def _resample_buffers(flat_names) -> set[str]:
     return {f"{b}.{layer}.resample_filter" for b in blocks for layer in ("conv0", "skip")}
 
 
+def state_dict_shapes(template) -> dict[str, tuple[int, ...]]:
+    """EDM name -> EDM-layout shape of every array a state dict for `template` holds
+    (parameters and resample buffers), computed from shapes only (`param_template`)."""
+    flat = traverse_util.flatten_dict(template.get("params", template))
+    shapes = {_edm_name(path): _edm_shape(leaf.shape) for path, leaf in flat.items()}
+    shapes.update({name: RESAMPLE_FILTER.shape for name in _resample_buffers(shapes)})
+    return dict(sorted(shapes.items()))
+
+
 def export_state_dict(variables) -> dict[str, np.ndarray]:
     """Flax variables ({'params': {'model': ...}} or the 'params' tree) -> EDM state dict."""
     params = variables.get("params", variables)
@@ -179,7 +222,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], template) -> dict:
         out[path] = jnp.asarray(_from_edm_layout(value), dtype=flat[path].dtype)
     for name in buffers & set(state_dict):
         if not np.allclose(np.asarray(state_dict[name]), RESAMPLE_FILTER):
-            problems.append(f"array {name!r} is not the DDPM++ [1, 1] resample filter")
+            problems.append(f"array {name!r} is not the DDPM++/ADM [1, 1] resample filter")
     extra = sorted(set(state_dict) - set(expected) - buffers)
     problems += [f"unexpected array {name!r}, shape {np.shape(state_dict[name])}" for name in extra]
     if problems:
@@ -191,7 +234,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], template) -> dict:
     return {"params": params} if wrapped else params
 
 
-def convert_npz(npz_path: str, config: Mapping[str, Any]) -> tuple[UNetDenoiser, dict]:
+def convert_npz(npz_path: str, config: Mapping[str, Any]) -> tuple[Denoiser, dict]:
     """(net, variables) from an EDM state-dict .npz and a U-Net config (see `PRESETS`)."""
     net, image_shape = unet_from_config(config)
     with np.load(npz_path) as data:
@@ -200,8 +243,9 @@ def convert_npz(npz_path: str, config: Mapping[str, Any]) -> tuple[UNetDenoiser,
 
 
 def save_unet(path: str, variables, config: Mapping[str, Any], source: str = "") -> str:
-    """Writes variables and meta {'net': config + arch 'unet', 'source'} atomically."""
-    meta = {"net": dict(config, arch="unet"), "source": source}
+    """Writes variables and meta {'net': config with its arch ('unet' by default), 'source'}
+    atomically."""
+    meta = {"net": dict(config, arch=_arch(config)), "source": source}
     payload = {
         "format": FORMAT,
         "meta": json.dumps(meta, sort_keys=True),
@@ -214,7 +258,7 @@ def save_unet(path: str, variables, config: Mapping[str, Any], source: str = "")
     return path
 
 
-def load_unet(path: str) -> tuple[UNetDenoiser, dict, dict]:
+def load_unet(path: str) -> tuple[Denoiser, dict, dict]:
     """(net, variables, meta) from a file written by `save_unet`."""
     with open(path, "rb") as f:
         payload = flax.serialization.msgpack_restore(f.read())
@@ -242,7 +286,7 @@ def _read_config(text: str) -> dict[str, Any]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m didistill.nets.convert_edm",
-        description="Convert an EDM DDPM++ state dict (.npz) into a didistill U-Net file.",
+        description="Convert an EDM DDPM++/ADM state dict (.npz) into a didistill U-Net file.",
         epilog="Make the .npz with EDM's code: see this module's docstring.",
     )
     parser.add_argument("npz", help="state dict saved with np.savez (EDM names and layouts)")

@@ -34,7 +34,7 @@ D(x; sigma) = c_skip x + c_out F(c_in x; ln(sigma) / 4).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -50,24 +50,35 @@ INIT_ATTN = nn.initializers.variance_scaling(0.2, "fan_avg", "uniform")  # xavie
 SKIP_SCALE = float(np.sqrt(0.5))
 
 
-def positional_embedding(c: jax.Array, num_channels: int, max_positions: int = 10000):
-    """EDM's DDPM++ noise embedding (endpoint=True, sin/cos halves swapped): [B] -> [B, N].
+def positional_embedding(
+    c: jax.Array,
+    num_channels: int,
+    max_positions: int = 10000,
+    endpoint: bool = True,
+    cos_first: bool = False,
+):
+    """EDM's PositionalEmbedding: [B] -> [B, N].
 
-    [sin(c w_j) for j] ++ [cos(c w_j) for j], w_j = max_positions^(-j / (N/2 - 1)).
+    DDPM++ (the defaults: endpoint=True, EDM's sin/cos swap):
+        [sin(c w_j) for j] ++ [cos(c w_j) for j], w_j = max_positions^(-j / (N/2 - 1));
+    ADM (endpoint=False, cos_first=True, no swap):
+        [cos(c w_j) for j] ++ [sin(c w_j) for j], w_j = max_positions^(-j / (N/2)).
     """
     half = num_channels // 2
-    freqs = (1.0 / max_positions) ** (jnp.arange(half, dtype=jnp.float32) / (half - 1))
+    steps = jnp.arange(half, dtype=jnp.float32) / (half - 1 if endpoint else half)
+    freqs = (1.0 / max_positions) ** steps
     angles = c.astype(jnp.float32)[:, None] * freqs[None]  # [B, N/2]
-    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)  # [B, N]
+    parts = [jnp.cos(angles), jnp.sin(angles)] if cos_first else [jnp.sin(angles), jnp.cos(angles)]
+    return jnp.concatenate(parts, axis=-1)  # [B, N]
 
 
-def group_norm(channels: int, name: str, dtype=jnp.float32) -> nn.GroupNorm:
-    """EDM's GroupNorm: min(32, C // 4) groups, eps 1e-6."""
+def group_norm(channels: int, name: str, dtype=jnp.float32, eps: float = 1e-6) -> nn.GroupNorm:
+    """EDM's GroupNorm: min(32, C // 4) groups, eps 1e-6 (DDPM++) or 1e-5 (ADM)."""
     groups = min(32, channels // 4)
     if groups < 1 or channels % groups:
         raise ValueError(f"GroupNorm over {channels} channels: need C >= 4 and C % groups == 0")
     return nn.GroupNorm(
-        num_groups=groups, epsilon=1e-6, use_fast_variance=False, dtype=dtype, name=name
+        num_groups=groups, epsilon=eps, use_fast_variance=False, dtype=dtype, name=name
     )
 
 
@@ -88,39 +99,63 @@ def upsample(x: jax.Array) -> jax.Array:
 
 
 class UNetBlock(nn.Module):
-    """EDM's UNetBlock for DDPM++ (adaptive_scale=False, one attention head, resample_proj)."""
+    """EDM's UNetBlock. The defaults are DDPM++'s (adaptive_scale=False, one attention head,
+    resample_proj, skip_scale sqrt(1/2), eps 1e-6, Xavier init); `didistill.nets.adm` sets
+    ADM's (adaptive_scale: h = silu(shift + GN1(h) (1 + scale)) with [scale, shift] = Dense(emb);
+    C / channels_per_head heads, none when that is 0; a 1x1 skip conv only when channels
+    change; skip_scale 1; eps 1e-5)."""
 
     out_channels: int
     up: bool = False
     down: bool = False
     attention: bool = False
     dropout: float = 0.0
+    adaptive_scale: bool = False
+    channels_per_head: int = 0  # 0: one head whatever C (DDPM++)
+    resample_proj: bool = True  # 1x1 conv on the skip of up/down blocks too
+    skip_scale: float = SKIP_SCALE
+    eps: float = 1e-6
+    kernel_init: Callable = XAVIER
+    zero_init: Callable = INIT_ZERO  # conv1 and proj
+    attn_init: Callable = INIT_ATTN  # qkv
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
         # x [B, H, W, Cin], emb [B, E] -> [B, H', W', Cout]
-        cout, dt = self.out_channels, self.dtype
+        cout, cin, dt, eps = self.out_channels, x.shape[-1], self.dtype, self.eps
         resample = upsample if self.up else downsample if self.down else (lambda t: t)
         orig = x
-        h = nn.silu(group_norm(x.shape[-1], "norm0", dt)(x))
-        h = conv(cout, 3, "conv0", dtype=dt)(resample(h))
-        h = h + nn.Dense(cout, kernel_init=XAVIER, dtype=dt, name="affine")(emb)[:, None, None]
-        h = nn.silu(group_norm(cout, "norm1", dt)(h))
+        h = nn.silu(group_norm(cin, "norm0", dt, eps)(x))
+        h = conv(cout, 3, "conv0", self.kernel_init, dt)(resample(h))
+        width = 2 * cout if self.adaptive_scale else cout
+        emb_out = nn.Dense(width, kernel_init=self.kernel_init, dtype=dt, name="affine")(emb)
+        emb_out = emb_out[:, None, None]  # [B, 1, 1, width]
+        if self.adaptive_scale:
+            scale, shift = emb_out[..., :cout], emb_out[..., cout:]
+            h = nn.silu(shift + group_norm(cout, "norm1", dt, eps)(h) * (scale + 1))
+        else:
+            h = nn.silu(group_norm(cout, "norm1", dt, eps)(h + emb_out))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = conv(cout, 3, "conv1", INIT_ZERO, dt)(h)
-        if cout != x.shape[-1] or self.up or self.down:
-            orig = conv(cout, 1, "skip", dtype=dt)(resample(orig))
-        x = (h + orig) * SKIP_SCALE  # [B, H', W', Cout]
-        if self.attention:
+        h = conv(cout, 3, "conv1", self.zero_init, dt)(h)
+        if cout != cin or self.up or self.down:
+            orig = resample(orig)
+            if self.resample_proj or cout != cin:
+                orig = conv(cout, 1, "skip", self.kernel_init, dt)(orig)
+        x = (h + orig) * self.skip_scale  # [B, H', W', Cout]
+        heads = cout // self.channels_per_head if self.channels_per_head else 1
+        if self.attention and heads:
             b, hh, ww, c = x.shape
-            qkv = conv(3 * c, 1, "qkv", INIT_ATTN, dt)(group_norm(c, "norm2", dt)(x))
-            # EDM's channel layout of qkv is (channel, {q, k, v}) interleaved.
-            qkv = qkv.reshape(b, hh * ww, c, 3).astype(jnp.float32)  # [B, HW, C, 3]
-            q, k, v = qkv[..., 0], qkv[..., 1], qkv[..., 2]  # [B, HW, C] each
-            w = jax.nn.softmax(jnp.einsum("bqc,bkc->bqk", q, k / np.sqrt(c)), axis=-1)
-            a = jnp.einsum("bqk,bkc->bqc", w, v).reshape(b, hh, ww, c).astype(x.dtype)
-            x = (conv(c, 1, "proj", INIT_ZERO, dt)(a) + x) * SKIP_SCALE
+            if c % heads:
+                raise ValueError(f"{c} channels do not split into {heads} attention heads")
+            qkv = conv(3 * c, 1, "qkv", self.attn_init, dt)(group_norm(c, "norm2", dt, eps)(x))
+            # EDM's channel layout of qkv is (head, channel, {q, k, v}).
+            qkv = qkv.reshape(b, hh * ww, heads, c // heads, 3).astype(jnp.float32)
+            q, k, v = qkv[..., 0], qkv[..., 1], qkv[..., 2]  # [B, HW, heads, C/heads] each
+            logits = jnp.einsum("bqnc,bknc->bnqk", q, k / np.sqrt(c // heads))
+            w = jax.nn.softmax(logits, axis=-1)  # [B, heads, HW, HW]
+            a = jnp.einsum("bnqk,bknc->bqnc", w, v).reshape(b, hh, ww, c).astype(x.dtype)
+            x = (conv(c, 1, "proj", self.zero_init, dt)(a) + x) * self.skip_scale
         return x
 
 
@@ -271,7 +306,7 @@ class UNetDenoiser(nn.Module):
     @nn.compact
     def __call__(self, x, sigma, labels=None, train: bool = False, features: bool = False):
         """x [B, H, W, C], sigma scalar or [B], labels int [B] or one-hot/soft [B, L]."""
-        y = self._labels(labels, x.shape[0])
+        y = label_vectors(labels, self.label_dim, x.shape[0], type(self).__name__)
         net = SongUNet(
             model_channels=self.model_channels,
             channel_mult=tuple(self.channel_mult),
@@ -295,18 +330,20 @@ class UNetDenoiser(nn.Module):
         denoised = edm.precondition(raw_fn, x.astype(jnp.float32), sigma, self.sigma_data)
         return (denoised, feats) if features else denoised
 
-    def _labels(self, labels, batch: int):
-        """-> [B, L] float one-hot (zeros when None, like EDM), or None if unconditional."""
-        if not self.label_dim:
-            if labels is not None:
-                raise ValueError("labels given to an unconditional UNetDenoiser (label_dim=0)")
-            return None
-        if labels is None:
-            return jnp.zeros((batch, self.label_dim), jnp.float32)
-        labels = jnp.asarray(labels)
-        if labels.ndim == 1:  # class indices
-            return jax.nn.one_hot(labels, self.label_dim, dtype=jnp.float32)
-        return labels.astype(jnp.float32).reshape(batch, self.label_dim)
+
+def label_vectors(labels, label_dim: int, batch: int, owner: str = "denoiser"):
+    """Denoiser labels -> [B, L] float one-hot (zeros when None, like EDM), or None if
+    unconditional. `labels` are int class indices [B] or one-hot/soft vectors [B, L]."""
+    if not label_dim:
+        if labels is not None:
+            raise ValueError(f"labels given to an unconditional {owner} (label_dim=0)")
+        return None
+    if labels is None:
+        return jnp.zeros((batch, label_dim), jnp.float32)
+    labels = jnp.asarray(labels)
+    if labels.ndim == 1:  # class indices
+        return jax.nn.one_hot(labels, label_dim, dtype=jnp.float32)
+    return labels.astype(jnp.float32).reshape(batch, label_dim)
 
 
 class ConvHead(nn.Module):
@@ -347,6 +384,7 @@ __all__ = [
     "UNetDenoiser",
     "downsample",
     "group_norm",
+    "label_vectors",
     "positional_embedding",
     "upsample",
 ]
