@@ -55,6 +55,7 @@ GROUPS = ("toy", "digits", "text")
 DIGITS_TEACHER = "assets/digits/teacher.msgpack"
 SCALING_WORKLOADS = ("toy/dmd2", "text/mdlm_teacher")
 QUICK_WORKLOADS = ("toy/dmd2", "digits/dmd2", "digits/edm_teacher", "text")
+TEXT_STEPS = (8, 16, 32, 64, 1024)  # sampler step counts of the text sampling figures
 WORKER_MARK = "BENCHMARK_WORKER_JSON "
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -363,36 +364,40 @@ def _sample_digits(quick, repeats, key, tmpdir):
 
 
 def _sample_text(quick, repeats, key, tmpdir):
-    from configs import synthetic_didi, synthetic_mdlm
+    """MDLM ancestral sampling (cached) of one batch at many vs few steps, and tokens/s at each
+    of `TEXT_STEPS`. Default: the shipped CPU teacher (`assets/text`), whose perplexity at each
+    step count is in experiments/ppl_table.py's table, so the two read together give the speed
+    at equal quality; --quick: a random smoke-sized teacher. A few-step student has the
+    teacher's architecture, so its cost at N steps is the teacher's at N steps."""
+    from configs import synthetic_didi
     from didistill.diffusion import masked
     from didistill.distill import mdlm_teacher
 
-    smoke = ",smoke" if quick else ""
-    mdlm_cfg = synthetic_mdlm.get_config("markov" + smoke)
-    didi_cfg = synthetic_didi.get_config("markov" + smoke)
-    net, params, meta = mdlm_teacher.load_teacher_denoiser(_mdlm_teacher_path(quick, tmpdir))
+    shipped = os.path.join(REPO, synthetic_didi.SHIPPED_TEACHER)
+    path = _mdlm_teacher_path(quick, tmpdir) if quick else shipped
+    net, params, meta = mdlm_teacher.load_teacher_denoiser(path)
     schedule = masked.get_schedule(meta["diffusion"]["schedule"], meta["diffusion"]["eps"])
-    length, mask_id = mdlm_cfg.data.length, net.vocab_size
-    batch = mdlm_cfg.eval.batch_size
-    many, few = max(mdlm_cfg.eval.sample_steps), min(didi_cfg.eval.sample_steps)
-
-    def sampler(num_steps):
-        fn = mdlm_teacher.logits_fn_of(net, params)
-        x = masked.all_masked(batch, length, mask_id)
-        return jax.jit(lambda k: masked.ancestral_sample(fn, k, x, schedule, num_steps))
-
-    teacher, student = sampler(many), sampler(few)
-    nfe_teacher = int(teacher(key)[1])
-    nfe_student = int(student(key)[1])
+    length, mask_id, batch = int(meta["data"]["length"]), net.vocab_size, 256
+    all_steps = (4, 16) if quick else TEXT_STEPS
+    fn = mdlm_teacher.logits_fn_of(net, params)
+    x = masked.all_masked(batch, length, mask_id)
+    by_steps = {}
+    for n in all_steps:
+        sampler = jax.jit(lambda k, n=n: masked.ancestral_sample(fn, k, x, schedule, n))
+        seconds = median_seconds(sampler, key, repeats=repeats)
+        by_steps[n] = {
+            "nfe": int(sampler(key)[1]),
+            "s": seconds,
+            "tokens_per_s": batch * length / seconds,
+        }
+    many, few = max(all_steps), min(all_steps)
     row = _sampling_row(
-        median_seconds(teacher, key, repeats=repeats),
-        median_seconds(student, key, repeats=repeats),
-        batch,
-        nfe_teacher,
-        nfe_student,
-        unit_per_sample=length,
-    )
-    return dict(row, teacher_steps=many, student_steps=few, length=length)
+        by_steps[many]["s"], by_steps[few]["s"], batch, by_steps[many]["nfe"],
+        by_steps[few]["nfe"], unit_per_sample=length,
+    )  # fmt: skip
+    teacher = "random smoke-sized" if quick else synthetic_didi.SHIPPED_TEACHER
+    return dict(row, teacher_steps=many, student_steps=few, length=length, teacher=teacher,
+                by_steps=by_steps)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- scaling
@@ -543,10 +548,14 @@ def print_report(results: dict, sections) -> None:
         text = results["sampling"].get("text")
         if text:
             print(
-                f"text: MDLM ancestral sampler (cached) at {text['teacher_steps']} vs "
-                f"{text['student_steps']} steps, length {text['length']}; the few-step student "
-                "has the teacher's architecture, so its cost per step is the teacher's."
+                f"text: MDLM ancestral sampler (cached) of the {text['teacher']} teacher at "
+                f"{text['teacher_steps']} vs {text['student_steps']} steps, length "
+                f"{text['length']}; the few-step student has the teacher's architecture, so "
+                "its cost per step is the teacher's. Tokens/s by sampler steps:"
             )
+            print("| steps | NFE | tokens/s |\n|---|---|---|")
+            for n, r in text["by_steps"].items():
+                print(f"| {n} | {r['nfe']} | {_si(r['tokens_per_s'], 'tokens')}/s |")
     if "memory" in sections and steps:
         print("\n(d) memory per step, MiB (compiled.memory_analysis; device peak where available)")
         print("| step | arguments | outputs | temp | device peak |\n|---|---|---|---|---|")

@@ -1,8 +1,9 @@
 """The digits FID table: the EDM teacher at several NFE against one-step students.
 
     .venv/bin/python experiments/fid_table.py [--quick] [--workdir runs/fid_table] [--seeds 1]
-        [--steps 600] [--methods dmd2,forward_kl,...] [--teacher_nfe 35,17,9,5]
-        [--num_samples 1000] [--teacher PATH] [--data_dir DIR]
+        [--steps 200] [--methods dmd2,forward_kl,...] [--teacher_nfe 35,17,9,5]
+        [--num_samples 1000] [--batch_size 64] [--critic_steps 2] [--generator_lr 5e-5]
+        [--discriminator_lr 1e-3] [--teacher PATH] [--data_dir DIR]
 
 Rows:
 - 'digits train split': the real training images, the floor of the metric;
@@ -25,8 +26,14 @@ key of its seed (the teacher rows: seed 0's);
 the table reports the mean and sample std over `--seeds` training seeds (never the minimum).
 Teacher rows have no training seed (one row, std 0).
 
+Two-time-scale settings (the defaults): the discriminator head learns at 20x the generator's
+rate with 2 critic updates per generator update. With all three learning rates at 1e-4 and one
+critic update the generator moved faster than the head could follow: the head's loss stayed at
+2 log 2 (r = 1), every f-divergence's weight h(r) was the same, and the students could not
+differ. Each student row also reports the head's final loss and the std of log r.
+
 Writes `<workdir>/results.md` (markdown), `results.json`, `samples.png` (one row per model, the
-digits 0..9 from the same latents) and `fid_bar.png`. The default (7 students x 600 generator
+digits 0..9 from the same latents) and `fid_bar.png`. The default (7 students x 200 generator
 steps, 1 seed) takes about 40 minutes on 2 CPU cores; `--quick` (3 students, 100 steps, 500
 samples) a few minutes.
 """
@@ -86,6 +93,8 @@ def student_config(method: str, seed: int, steps: int, args):
     config.train.num_steps = steps
     config.train.batch_size = args.batch_size
     config.distill.critic_steps = args.critic_steps
+    config.optim_generator.learning_rate = args.generator_lr
+    config.optim_discriminator.learning_rate = args.discriminator_lr
     config.train.checkpoint_every = steps
     config.train.progress = False
     config.eval.num_samples = args.num_samples
@@ -143,17 +152,35 @@ def teacher_rows(config, nfes, num_samples: int):
 
 
 def run_student(config, workdir: str) -> tuple[dict, np.ndarray]:
-    """(eval results, student samples [N, H, W, C]) of one engine run (reused when finished)."""
-    results = common.train_run(config, workdir)
+    """(eval results, student samples [N, H, W, C]) of one engine run (reused when finished).
+
+    The results also hold the discriminator's loss and the std of log r over the last logged
+    `train.log_every` steps (`train/...`): 2 log 2 and 0 mean the discriminator has learned
+    nothing, r = 1, and every f-divergence's weight h(r) is the same.
+    """
+    results = dict(common.train_run(config, workdir))
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        last = json.loads(f.read().splitlines()[-1])
+    for key in ("discriminator_loss", "std_log_r"):
+        if key in last:
+            results[f"train/{key}"] = last[key]
     return results, np.load(os.path.join(workdir, "samples.npy"))
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    lines = [header, "", "| model | NFE | seeds | digits FID |", "|---|---|---|---|"]
+    lines = [
+        header,
+        "",
+        "| model | NFE | seeds | digits FID | disc. loss | std log r |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in rows:
         fid = f"{row['fid']:.2f}" + (f" ± {row['fid_std']:.2f}" if row["seeds"] > 1 else "")
         nfe = row["nfe"] if row["nfe"] else "-"
-        lines.append(f"| {row['name']} | {nfe} | {row['seeds']} | {fid} |")
+        disc = [f"{row[k]:.3f}" if k in row else "-" for k in ("disc_loss", "std_log_r")]
+        lines.append(
+            f"| {row['name']} | {nfe} | {row['seeds']} | {fid} | " + " | ".join(disc) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -199,7 +226,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--teacher_nfe", default=None, help="Heun NFEs (35,17,9,5; quick 35,9)")
     parser.add_argument("--num_samples", type=int, default=None, help="samples per model")
     parser.add_argument("--batch_size", type=int, default=64, help="generator batch (CPU-sized)")
-    parser.add_argument("--critic_steps", type=int, default=1, help="critic updates per step")
+    parser.add_argument("--critic_steps", type=int, default=2, help="critic updates per step")
+    parser.add_argument("--generator_lr", type=float, default=5e-5, help="generator Adam LR")
+    parser.add_argument("--discriminator_lr", type=float, default=1e-3, help="head Adam LR")
     parser.add_argument("--teacher", default=os.path.join(REPO, "assets/digits/teacher.msgpack"))
     parser.add_argument("--data_dir", default="data/tfds", help="tfds data_dir of the digits")
     common.add_cache_flag(parser)
@@ -246,6 +275,13 @@ def main(argv=None) -> dict:
                 "fid_std": float(fids.std(ddof=1)) if len(fids) > 1 else 0.0,
             }
         )
+        for key, name in (
+            ("train/discriminator_loss", "disc_loss"),
+            ("train/std_log_r", "std_log_r"),
+        ):
+            values = [r[key] for r in runs[method] if key in r]
+            if values:
+                rows[-1][name] = float(np.mean(values))
     header = (
         f"Digits FID (classifier features, {args.num_samples} samples vs the 297 test images); "
         f"students: {steps} generator steps from the teacher, mean ± std over {args.seeds} "

@@ -19,8 +19,8 @@ sampler has low perplexity and low entropy). Rows:
   (rounds 64 -> 32 -> 16 -> 8 steps).
 Every student run is an ordinary engine run in `<workdir>/<name>` (reused when finished).
 
-The teacher: `--teacher`, else the shipped `assets/text/markov_small_teacher.msgpack`, else one
-trained here by `configs/synthetic_mdlm.py:markov_small,cpu` (the shipped asset's command).
+The teacher: `--teacher`, else the shipped `assets/text/markov_tiny_teacher.msgpack`, else one
+trained here by `configs/synthetic_mdlm.py:markov_tiny,cpu` (the shipped asset's command).
 Writes `<workdir>/results.md`, `results.json` and `ppl_vs_steps.png`. `--quick` (steps 8 and
 32, 60 DiDi steps, one divergence) took 15 minutes on a busy 2-core CPU.
 """
@@ -39,8 +39,8 @@ sys.path.insert(0, REPO)  # `configs` is a folder of the repository, not an inst
 from configs import synthetic_didi, synthetic_mdlm, synthetic_sdtt  # noqa: E402
 from experiments import common  # noqa: E402
 
-SHIPPED_TEACHER = "assets/text/markov_small_teacher.msgpack"
-TEACHER_LANGUAGE = "markov_small"
+SHIPPED_TEACHER = synthetic_didi.SHIPPED_TEACHER
+TEACHER_LANGUAGE = synthetic_didi.SHIPPED_LANGUAGE
 
 
 def teacher_config():
@@ -53,7 +53,7 @@ def _settings(quick: bool) -> dict:
         return {"steps": "8,32", "didi_steps": 60, "sdtt_round": 30, "divergences": "reverse_kl"}
     return {
         "steps": "8,16,32,64,128",
-        "didi_steps": 600,
+        "didi_steps": 200,  # configs/synthetic_didi.py:<language>,cpu (tests/test_didi.py)
         "sdtt_round": 200,
         "divergences": "reverse_kl,forward_kl",
     }
@@ -84,7 +84,9 @@ def _common(config, teacher: str, meta: dict, steps: tuple[int, ...]):
 
 
 def didi_config(teacher, meta, steps, num_steps: int):
-    config = _common(synthetic_didi.get_config(meta["data"]["language"]), teacher, meta, steps)
+    """`configs/synthetic_didi.py:<language>,cpu` from `teacher` for `num_steps` steps."""
+    config = synthetic_didi.get_config(meta["data"]["language"] + ",cpu")
+    config = _common(config, teacher, meta, steps)
     config.train.num_steps = num_steps
     config.train.checkpoint_every = num_steps
     config.eval.guided.enabled = True

@@ -45,6 +45,9 @@ def test_step_flops_sampling_memory_sections(tmp_path):
     text = results["sampling"]["text"]
     for key in ("teacher_per_s", "student_per_s", "speedup", "teacher_nfe", "student_nfe"):
         assert positive(text[key]), (key, text)
+    assert sorted(text["by_steps"], key=int) == ["4", "16"], text  # tokens/s per step count
+    assert all(positive(r["tokens_per_s"]) for r in text["by_steps"].values())
+    assert "Tokens/s by sampler steps" in stdout
     for title in ("(a)", "(b)", "(c)", "(d)"):
         assert title in stdout
 

@@ -1,6 +1,7 @@
 """DiDi-Instruct method: jitted steps on a tiny random teacher, evaluation keys, config errors."""
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,8 @@ import pytest
 from configs import synthetic_didi
 from didistill.distill import didi
 from tests.tiny_text_teacher import LANGUAGE, LENGTH, save_tiny_teacher
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +110,23 @@ def test_missing_teacher_and_mismatched_language_are_clear(tiny_teacher, tmp_pat
 def test_config_arg_errors():
     with pytest.raises(ValueError, match="expected '<language>'"):
         synthetic_didi.get_config("markov,fast")
+
+
+def test_short_cpu_run_beats_the_shipped_teachers_8_step_sampling(tmp_path):
+    """`configs/synthetic_didi.py:markov_tiny,cpu` (200 steps from the shipped teacher) lowers
+    the exact-judge perplexity of 8-step sampling below the teacher's own 8-step sampling
+    (same keys), without buying it by collapse: the student's unigram entropy stays within
+    10% of the data's. Measured: 2.223 vs 2.329, entropy 0.907 vs data 0.961. The control run
+    with the discriminator frozen at its initialisation (rewards = noise) reached 2.268 only by
+    collapsing (entropy 0.790), and its 16-step perplexity got worse than the teacher's."""
+    from didistill.distill import get_method
+    from didistill.train.loop import train
+
+    config = synthetic_didi.get_config("markov_tiny,cpu")
+    config.teacher.path = os.path.join(REPO, config.teacher.path)
+    config.eval.sample_steps = (8,)
+    config.train.update(progress=False, checkpoint_every=0)
+    results = train(get_method(config), config, str(tmp_path))["eval"]
+    student, teacher = results["student/steps8/gen_ppl"], results["teacher/steps8/gen_ppl"]
+    assert student < 0.98 * teacher, (student, teacher)
+    assert results["student/steps8/entropy"] > 0.9 * results["data/entropy"], results

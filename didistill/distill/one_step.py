@@ -215,7 +215,13 @@ def make_method(config) -> Method:
         use_gan = d.gan_weight > 0 and logit is not None
         gan = losses.generator_gan_loss(logit) if use_gan else jnp.zeros(())
         total = main + d.gan_weight * gan
-        aux = {"generator_loss": main, "generator_gan_loss": gan, "mean_log_r": jnp.mean(log_r)}
+        # std of log r: 0 means every f-divergence's h(r) is the same and f-distill is DMD2.
+        aux = {
+            "generator_loss": main,
+            "generator_gan_loss": gan,
+            "mean_log_r": jnp.mean(log_r),
+            "std_log_r": jnp.std(log_r),
+        }
         return total, (aux, ratio_bins)
 
     def step(state, batch, key, step_index):

@@ -49,7 +49,14 @@ import jax
 import jax.numpy as jnp
 
 from didistill.diffusion import edm
-from didistill.nets.unet import UNetBlock, conv, group_norm, label_vectors, positional_embedding
+from didistill.nets.unet import (
+    UNetBlock,
+    conv,
+    group_norm,
+    label_vectors,
+    positional_embedding,
+    precondition_with_features,
+)
 
 INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # U(+-1/sqrt(fan_in))
 ZEROS = nn.initializers.zeros
@@ -239,15 +246,7 @@ class ADMDenoiser(nn.Module):
             dtype=self.dtype,
             name="model",
         )
-        feats = {}
-
-        def raw_fn(x_in, c_noise):  # F(c_in x; c_noise): [B, H, W, C], [B] -> [B, H, W, C]
-            out, enc_feats = net(x_in, c_noise, y, train=train)
-            feats.update(enc_feats)
-            return out
-
-        denoised = edm.precondition(raw_fn, x.astype(jnp.float32), sigma, self.sigma_data)
-        return (denoised, feats) if features else denoised
+        return precondition_with_features(net, x, sigma, y, self.sigma_data, train, features)
 
 
 __all__ = ["ADMDenoiser", "DhariwalUNet"]

@@ -320,15 +320,21 @@ class UNetDenoiser(nn.Module):
             dtype=self.dtype,
             name="model",
         )
-        feats = {}
+        return precondition_with_features(net, x, sigma, y, self.sigma_data, train, features)
 
-        def raw_fn(x_in, c_noise):  # F(c_in x; c_noise): [B, H, W, C], [B] -> [B, H, W, C]
-            out, enc_feats = net(x_in, c_noise, y, train=train)
-            feats.update(enc_feats)
-            return out
 
-        denoised = edm.precondition(raw_fn, x.astype(jnp.float32), sigma, self.sigma_data)
-        return (denoised, feats) if features else denoised
+def precondition_with_features(net, x, sigma, y, sigma_data, train, features):
+    """EDM's D(x; sigma) around a raw U-Net `net(x_in, c_noise, y, train=) -> (F, encoder
+    features {r: [B, r, r, C_r]})`: D [B, H, W, C], or (D, features) when `features`."""
+    feats = {}
+
+    def raw_fn(x_in, c_noise):  # F(c_in x; c_noise): [B, H, W, C], [B] -> [B, H, W, C]
+        out, enc_feats = net(x_in, c_noise, y, train=train)
+        feats.update(enc_feats)
+        return out
+
+    denoised = edm.precondition(raw_fn, x.astype(jnp.float32), sigma, sigma_data)
+    return (denoised, feats) if features else denoised
 
 
 def label_vectors(labels, label_dim: int, batch: int, owner: str = "denoiser"):
@@ -385,6 +391,7 @@ __all__ = [
     "downsample",
     "group_norm",
     "label_vectors",
+    "precondition_with_features",
     "positional_embedding",
     "upsample",
 ]
