@@ -10,8 +10,9 @@ Rows:
 - 'teacher, Heun NFE n': the teacher (`--teacher`, default the shipped
   `assets/digits/teacher.msgpack`) sampled deterministically with Heun's method (EDM) at each
   `--teacher_nfe`;
-- 'initial generator (NFE 1)': the teacher's denoiser applied once at sigma_g, which is where
-  every student starts (`generator.init = 'teacher'`), so the students' gain is measured from it;
+- 'initial generator (NFE 1, sigma_g s)': the teacher's denoiser applied once at sigma_g = s,
+  which is where the students start (`generator.init = 'teacher'`; sigma_g is 80 for DMD2 and
+  f-distill, 2.5 for SiD and Uni-Instruct), so the students' gain is measured from it;
 - one row per student method of `configs/digits_distill.py` (`dmd2` = reverse KL,
   `forward_kl`, `jensen_shannon`, `squared_hellinger`, `jeffreys` = f-distill, `uni_instruct`
   (forward KL) and `sid`), each trained by `didistill.train.loop.train` in
@@ -74,8 +75,14 @@ LABELS = {
     "sid": "SiD",
 }
 REAL = "digits train split"
-INITIAL = "initial generator (NFE 1)"
+
+
+def initial_row(sigma_g: float) -> str:
+    return f"initial generator (NFE 1, sigma_g {sigma_g:g})"
+
+
 GRID_COLUMNS = 10  # the digits 0..9
+GRID_ZOOM = 4
 
 
 def _settings(quick: bool) -> dict:
@@ -103,9 +110,10 @@ def student_config(method: str, seed: int, steps: int, args):
     return config
 
 
-def teacher_rows(config, nfes, num_samples: int):
+def teacher_rows(config, nfes, num_samples: int, sigmas):
     """FID rows and sample grids of the real data, the teacher at each NFE and the initial
-    generator, all from the evaluation key the students use (`train.loop.run_keys`)."""
+    generator at each sigma_g of `sigmas`, all from the evaluation key the students use
+    (`train.loop.run_keys`)."""
     import jax
     import jax.numpy as jnp
 
@@ -129,8 +137,7 @@ def teacher_rows(config, nfes, num_samples: int):
         return edm.heun_sample(lambda x, s: net.apply(variables, x, s, labels), z, steps)
 
     heun = jax.jit(heun, static_argnums=2)
-    sigma_g = float(config.generator.sigma)
-    one_step = jax.jit(lambda z, y: net.apply(variables, sigma_g * z, jnp.full(len(z), sigma_g), y))
+    one_step = jax.jit(lambda z, y, s: net.apply(variables, s * z, jnp.full(len(z), s), y))
     data = image_teacher.load_train_arrays(config.data)
     rows, grids = [], {}
 
@@ -147,7 +154,8 @@ def teacher_rows(config, nfes, num_samples: int):
             for s in range(0, num_samples, 500)
         ]
         add(f"teacher, Heun NFE {edm.heun_nfe(steps)}", np.concatenate(chunks), edm.heun_nfe(steps))
-    add(INITIAL, np.asarray(one_step(z, labels)), 1)
+    for sigma_g in sigmas:
+        add(initial_row(sigma_g), np.asarray(one_step(z, labels, sigma_g)), 1)
     return rows, grids
 
 
@@ -185,10 +193,12 @@ def markdown(rows: list[dict], header: str) -> str:
 
 
 def save_grid(grids: dict[str, np.ndarray], path: str) -> str:
-    """One row of GRID_COLUMNS images per model, in the order of `grids`."""
+    """One row of GRID_COLUMNS images per model, in the order of `grids`, each pixel drawn as
+    GRID_ZOOM x GRID_ZOOM (8x8 digits are too small to see otherwise)."""
     from didistill.distill.image_teacher import save_image_grid
 
-    images = np.concatenate([g[:GRID_COLUMNS] for g in grids.values()])
+    images = np.concatenate([g[:GRID_COLUMNS] for g in grids.values()])  # [N, H, W, C]
+    images = images.repeat(GRID_ZOOM, axis=1).repeat(GRID_ZOOM, axis=2)
     return save_image_grid(images, path, GRID_COLUMNS)
 
 
@@ -247,7 +257,9 @@ def main(argv=None) -> dict:
 
     common.use_compilation_cache(args.workdir, args.jax_cache)
     start = time.perf_counter()
-    rows, grids = teacher_rows(student_config(methods[0], 0, steps, args), nfes, args.num_samples)
+    configs = [student_config(method, 0, steps, args) for method in methods]
+    sigmas = sorted({float(c.generator.sigma) for c in configs}, reverse=True)
+    rows, grids = teacher_rows(configs[0], nfes, args.num_samples, sigmas)
     for row in rows:
         print(f"{row['name']:>28s}: FID {row['fid']:.2f} ({time.perf_counter() - start:.0f} s)")
     runs: dict[str, list[dict]] = {}

@@ -1,7 +1,7 @@
 """Few-step text distillation: generative perplexity and entropy against the number of steps.
 
     .venv/bin/python experiments/ppl_table.py [--quick] [--workdir runs/ppl_table]
-        [--teacher PATH] [--steps 8,16,32,64,128] [--didi_steps 600]
+        [--teacher PATH] [--steps 8,16,32,64,128] [--didi_steps 200]
         [--sdtt_divergences reverse_kl,forward_kl]
 
 On a synthetic language with exact likelihood (the teacher's own `data.language` and
@@ -21,8 +21,9 @@ Every student run is an ordinary engine run in `<workdir>/<name>` (reused when f
 
 The teacher: `--teacher`, else the shipped `assets/text/markov_tiny_teacher.msgpack`, else one
 trained here by `configs/synthetic_mdlm.py:markov_tiny,cpu` (the shipped asset's command).
-Writes `<workdir>/results.md`, `results.json` and `ppl_vs_steps.png`. `--quick` (steps 8 and
-32, 60 DiDi steps, one divergence) took 15 minutes on a busy 2-core CPU.
+Writes `<workdir>/results.md`, `results.json` and `ppl_vs_steps.png`. The default took 16.5
+minutes on 2 CPU cores shared with another experiment; `--quick` (steps 8 and 32, 60 DiDi
+steps, one divergence) takes a few minutes.
 """
 
 from __future__ import annotations
