@@ -42,21 +42,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from didistill.diffusion import edm
-from didistill.nets.unet import (
-    UNetBlock,
-    conv,
-    group_norm,
-    label_vectors,
-    positional_embedding,
-    precondition_with_features,
-)
+from didistill.nets.unet import EDMDenoiser, UNetBlock, conv, group_norm, positional_embedding
 
 INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # U(+-1/sqrt(fan_in))
 ZEROS = nn.initializers.zeros
@@ -203,50 +195,21 @@ class _Decoder(nn.Module):
         return x  # [B, H, W, channel_mult[0] N]
 
 
-class ADMDenoiser(nn.Module):
-    """EDM-preconditioned ADM denoiser D(x; sigma, y), with `UNetDenoiser`'s contract.
-
-    `D = net.apply(params, x, sigma, labels)`; with `train=True` dropout (and label dropout)
-    is active and needs `rngs={'dropout': key}`. With `features=True` it returns
-    `(D, feats)`, feats = {resolution r: encoder output [B, r, r, C_r]} of F at this sigma.
-    Labels: int classes [B], one-hot/soft [B, L], or None (zeros, like EDM).
+class ADMDenoiser(EDMDenoiser):
+    """EDM-preconditioned ADM denoiser D(x; sigma, y) (`EDMDenoiser` around `DhariwalUNet`),
+    with `UNetDenoiser`'s contract.
 
     Attributes: those of `DhariwalUNet` (defaults: EDM's ImageNet-64 ADM), plus `sigma_data`.
-    Params live under 'model' (EDM's `EDMPrecond.model`).
     """
+
+    raw_network: ClassVar[type[nn.Module]] = DhariwalUNet
+    raw_fields: ClassVar[tuple[str, ...]] = (*EDMDenoiser.raw_fields, "channels_per_head")
 
     model_channels: int = 192
     channel_mult: Sequence[int] = (1, 2, 3, 4)
-    channel_mult_emb: int = 4
     num_blocks: int = 3
     attn_resolutions: Sequence[int] = (32, 16, 8)
-    dropout: float = 0.10
-    label_dim: int = 0
-    label_dropout: float = 0.0
-    augment_dim: int = 0
     channels_per_head: int = 64
-    sigma_data: float = edm.SIGMA_DATA
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, sigma, labels=None, train: bool = False, features: bool = False):
-        """x [B, H, W, C], sigma scalar or [B], labels int [B] or one-hot/soft [B, L]."""
-        y = label_vectors(labels, self.label_dim, x.shape[0], type(self).__name__)
-        net = DhariwalUNet(
-            model_channels=self.model_channels,
-            channel_mult=tuple(self.channel_mult),
-            channel_mult_emb=self.channel_mult_emb,
-            num_blocks=self.num_blocks,
-            attn_resolutions=tuple(self.attn_resolutions),
-            dropout=self.dropout,
-            label_dim=self.label_dim,
-            label_dropout=self.label_dropout,
-            augment_dim=self.augment_dim,
-            channels_per_head=self.channels_per_head,
-            dtype=self.dtype,
-            name="model",
-        )
-        return precondition_with_features(net, x, sigma, y, self.sigma_data, train, features)
 
 
 __all__ = ["ADMDenoiser", "DhariwalUNet"]

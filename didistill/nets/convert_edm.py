@@ -89,22 +89,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "edm-cifar10-uncond": dict(_EDM_CIFAR10, label_dim=0),
     "edm-imagenet64-cond": dict(_EDM_IMAGENET64, label_dim=1000),
 }
-_NET_FIELDS = (
-    "model_channels",
-    "channel_mult",
-    "channel_mult_emb",
-    "num_blocks",
-    "attn_resolutions",
-    "dropout",
-    "label_dim",
-    "label_dropout",
-    "augment_dim",
-    "sigma_data",
-)
-ARCHS = {  # config['arch'] -> (denoiser class, its config fields)
-    "unet": (UNetDenoiser, _NET_FIELDS),
-    "adm": (ADMDenoiser, (*_NET_FIELDS, "channels_per_head")),
-}
+ARCHS = {"unet": UNetDenoiser, "adm": ADMDenoiser}  # config['arch'] -> denoiser class
 Denoiser = UNetDenoiser | ADMDenoiser
 
 
@@ -123,7 +108,8 @@ def unet_from_config(config: Mapping[str, Any]) -> tuple[Denoiser, tuple[int, in
     """(denoiser, image shape (H, W, C)) from a config with the net's fields, `img_resolution`,
     `img_channels` and `arch` ('unet', the default: `UNetDenoiser`; 'adm': `ADMDenoiser`).
     Unknown keys are an error."""
-    cls, fields = ARCHS[_arch(config)]
+    cls = ARCHS[_arch(config)]
+    fields = (*(f for f in cls.raw_fields if f != "dtype"), "sigma_data")  # JSON-able fields
     unknown = set(config) - set(fields) - {"img_resolution", "img_channels", "arch"}
     if unknown:
         raise ValueError(f"unknown U-Net config keys {sorted(unknown)}; known: {fields}")

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -277,19 +277,32 @@ class _Decoder(nn.Module):
         return conv(self.out_channels, 3, f"{res0}x{res0}_aux_conv", INIT_ZERO, self.dtype)(h)
 
 
-class UNetDenoiser(nn.Module):
-    """EDM-preconditioned DDPM++ denoiser D(x; sigma, y).
+class EDMDenoiser(nn.Module):
+    """EDM-preconditioned denoiser D(x; sigma, y) around a raw U-Net F (`raw_network`).
 
     `D = net.apply(params, x, sigma, labels)`; with `train=True` dropout (and label dropout)
     is active and needs `rngs={'dropout': key}`. With `features=True` it returns
     `(D, feats)`, feats = {resolution r: encoder output [B, r, r, C_r]} of F at this sigma
     (the decoder is still evaluated; under jit XLA removes it when D is unused).
+    Labels: int classes [B], one-hot/soft [B, L], or None (zeros, like EDM).
 
-    Attributes: those of EDM's SongUNet (see `SongUNet`), plus `sigma_data`.
-    Params live under 'model' (EDM's `EDMPrecond.model`). Defaults are EDM's CIFAR-10 DDPM++
-    except `dropout` (EDM trains CIFAR-10 with 0.13) and `augment_dim` (9 in EDM's released
-    CIFAR-10 models, which were trained with augmentation).
+    Subclasses name F's class (`raw_network`) and which of their fields it takes
+    (`raw_fields`); F's params live under 'model' (EDM's `EDMPrecond.model`).
     """
+
+    raw_network: ClassVar[type[nn.Module]]
+    raw_fields: ClassVar[tuple[str, ...]] = (
+        "model_channels",
+        "channel_mult",
+        "channel_mult_emb",
+        "num_blocks",
+        "attn_resolutions",
+        "dropout",
+        "label_dim",
+        "label_dropout",
+        "augment_dim",
+        "dtype",
+    )
 
     model_channels: int = 128
     channel_mult: Sequence[int] = (2, 2, 2)
@@ -307,34 +320,29 @@ class UNetDenoiser(nn.Module):
     def __call__(self, x, sigma, labels=None, train: bool = False, features: bool = False):
         """x [B, H, W, C], sigma scalar or [B], labels int [B] or one-hot/soft [B, L]."""
         y = label_vectors(labels, self.label_dim, x.shape[0], type(self).__name__)
-        net = SongUNet(
-            model_channels=self.model_channels,
-            channel_mult=tuple(self.channel_mult),
-            channel_mult_emb=self.channel_mult_emb,
-            num_blocks=self.num_blocks,
-            attn_resolutions=tuple(self.attn_resolutions),
-            dropout=self.dropout,
-            label_dim=self.label_dim,
-            label_dropout=self.label_dropout,
-            augment_dim=self.augment_dim,
-            dtype=self.dtype,
-            name="model",
-        )
-        return precondition_with_features(net, x, sigma, y, self.sigma_data, train, features)
+        fields = {f: getattr(self, f) for f in self.raw_fields}
+        fields = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in fields.items()}
+        net = self.raw_network(**fields, name="model")
+        feats = {}
+
+        def raw_fn(x_in, c_noise):  # F(c_in x; c_noise): [B, H, W, C], [B] -> [B, H, W, C]
+            out, enc_feats = net(x_in, c_noise, y, train=train)
+            feats.update(enc_feats)
+            return out
+
+        denoised = edm.precondition(raw_fn, x.astype(jnp.float32), sigma, self.sigma_data)
+        return (denoised, feats) if features else denoised
 
 
-def precondition_with_features(net, x, sigma, y, sigma_data, train, features):
-    """EDM's D(x; sigma) around a raw U-Net `net(x_in, c_noise, y, train=) -> (F, encoder
-    features {r: [B, r, r, C_r]})`: D [B, H, W, C], or (D, features) when `features`."""
-    feats = {}
+class UNetDenoiser(EDMDenoiser):
+    """EDM-preconditioned DDPM++ denoiser D(x; sigma, y) (`EDMDenoiser` around `SongUNet`).
 
-    def raw_fn(x_in, c_noise):  # F(c_in x; c_noise): [B, H, W, C], [B] -> [B, H, W, C]
-        out, enc_feats = net(x_in, c_noise, y, train=train)
-        feats.update(enc_feats)
-        return out
+    Attributes: those of EDM's SongUNet (see `SongUNet`), plus `sigma_data`. Defaults are EDM's
+    CIFAR-10 DDPM++ except `dropout` (EDM trains CIFAR-10 with 0.13) and `augment_dim` (9 in
+    EDM's released CIFAR-10 models, which were trained with augmentation).
+    """
 
-    denoised = edm.precondition(raw_fn, x.astype(jnp.float32), sigma, sigma_data)
-    return (denoised, feats) if features else denoised
+    raw_network: ClassVar[type[nn.Module]] = SongUNet
 
 
 def label_vectors(labels, label_dim: int, batch: int, owner: str = "denoiser"):
@@ -385,13 +393,13 @@ class ConvHead(nn.Module):
 
 __all__ = [
     "ConvHead",
+    "EDMDenoiser",
     "SongUNet",
     "UNetBlock",
     "UNetDenoiser",
     "downsample",
     "group_norm",
     "label_vectors",
-    "precondition_with_features",
     "positional_embedding",
     "upsample",
 ]
