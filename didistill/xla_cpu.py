@@ -1,0 +1,46 @@
+"""XLA:CPU setting applied when didistill is imported: no YNNPACK library fusions.
+
+jaxlib 0.10.2 (the version this project pins) offloads dots, reductions and elementwise
+chains on the CPU to YNNPACK (`__ynn_fusion` in the compiled HLO). Those fusions have known
+defects in that release (0.10.1 was correct): wrong sums after a vmapped matrix-vector product
+(jax-ml/jax#39103) and faults on Eigen worker threads for some reductions (jax-ml/jax#39257,
+#40412). Here a freshly initialised DiT, whose YNN-fused zero-initialised output layer turns
+any non-finite hidden value into NaN logits, gave a NaN held-out loss once in a full CI run and
+never in 30 isolated reruns; YNNPACK is the likely cause, not a proven one.
+
+`--xla_cpu_experimental_ynn_fusion_type=` (an empty list) turns every YNNPACK fusion off, so
+XLA uses its own CPU emitters and Eigen. On this project's 2-core CPU that is also faster, in
+one `benchmarks.run --only throughput` run per setting: toy DMD2 steps 1.54x, digits DMD2
+1.14x, EDM teacher training 1.35x, MDLM teacher 1.06x, DiDi-Instruct 1.21x.
+
+The flag is appended to `XLA_FLAGS` only when the user has not chosen a YNN setting, and it
+takes effect only if no JAX backend has started yet (XLA reads the flags once, when it creates
+the CPU client): import didistill before running any JAX computation, or put the flag in
+`XLA_FLAGS` yourself. GPUs and TPUs ignore it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+
+
+def disable_ynn_fusions(environ=os.environ) -> bool:
+    """Appends `YNN_FLAG=` to XLA_FLAGS unless it is already set; True if it was appended."""
+    flags = environ.get("XLA_FLAGS", "")
+    if YNN_FLAG in flags:
+        return False
+    environ["XLA_FLAGS"] = f"{flags} {YNN_FLAG}=".strip()
+    from jax._src import xla_bridge  # noqa: PLC0415 (after XLA_FLAGS is read, not before)
+
+    if xla_bridge.backends_are_initialized():
+        warnings.warn(
+            "didistill was imported after JAX started its backends, so XLA:CPU keeps its "
+            f"YNNPACK fusions (known to give wrong results in jaxlib 0.10.2); set XLA_FLAGS="
+            f"'{YNN_FLAG}=' or import didistill before running JAX computations.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return True
