@@ -25,6 +25,8 @@ from __future__ import annotations
 import os
 import warnings
 
+from jax._src import xla_bridge  # importing jax does not read XLA_FLAGS; starting a backend does
+
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 
 
@@ -34,8 +36,6 @@ def disable_ynn_fusions(environ=os.environ) -> bool:
     if YNN_FLAG in flags:
         return False
     environ["XLA_FLAGS"] = f"{flags} {YNN_FLAG}=".strip()
-    from jax._src import xla_bridge  # noqa: PLC0415 (after XLA_FLAGS is read, not before)
-
     if xla_bridge.backends_are_initialized():
         warnings.warn(
             "didistill was imported after JAX started its backends, so XLA:CPU keeps its "

@@ -12,7 +12,7 @@ from didistill import xla_cpu
 # jaxlib 0.10.2 with YNNPACK fusions (measured here: 1,065,369,600 instead of 32,768^2).
 WRONG_SUM = """
 import {first}
-import jax, jax.numpy as jnp, re
+import jax, jax.numpy as jnp
 i = jnp.arange(32_769, dtype=jnp.float32)
 x = jnp.stack((i, jnp.zeros_like(i), jnp.zeros_like(i)), axis=1)
 f = jax.jit(lambda x: jax.vmap(lambda row: jnp.sum((jnp.eye(3) @ row) ** 2))(x))
