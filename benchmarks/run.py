@@ -47,6 +47,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+import didistill  # noqa: F401  (before the first computation: sets didistill's XLA:CPU flags)
+
 SECTIONS = ("throughput", "flops", "sampling", "memory", "scaling")
 LETTERS = dict(zip("abcde", SECTIONS, strict=True))
 TOY_METHODS = ("dmd2", "forward_kl", "sid", "uni_instruct,forward_kl")

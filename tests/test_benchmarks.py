@@ -20,6 +20,7 @@ def run_benchmark(tmp_path, *args):
     cmd = [sys.executable, "-m", "benchmarks.run", "--quick", f"--json={out}", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "imported after JAX started" not in proc.stderr  # didistill's XLA:CPU flags applied
     return json.loads(out.read_text()), proc.stdout
 
 
