@@ -47,7 +47,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-import didistill  # noqa: F401  (before the first computation: sets didistill's XLA:CPU flags)
+from didistill import xla_cpu  # before the first computation: sets the XLA:CPU flags
 
 SECTIONS = ("throughput", "flops", "sampling", "memory", "scaling")
 LETTERS = dict(zip("abcde", SECTIONS, strict=True))
@@ -622,6 +622,7 @@ def main(argv=None) -> dict:
     results: dict = {"environment": environment(args.quick, repeats), "sections": list(sections)}
     results["environment"]["workloads"] = patterns or "all"
     results["environment"]["prng_impl"] = str(jax.config.jax_default_prng_impl)
+    results["environment"]["xla_cpu_ynn_fusions"] = xla_cpu.ynn_fusions_active()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmpdir:
         if "flops" in sections:

@@ -17,15 +17,17 @@ and off, interleaved twice: toy DMD2 23.3 / 26.1 -> 36.0 / 37.1 steps/s, EDM tea
 The flag is appended to `XLA_FLAGS` only when the user has not chosen a YNN setting, and it
 takes effect only if no JAX backend has started yet (XLA reads the flags once, when it creates
 the CPU client): import didistill before running any JAX computation, or put the flag in
-`XLA_FLAGS` yourself. GPUs and TPUs ignore it.
+`XLA_FLAGS` yourself. `ynn_fusions_active()` tells whether it did (JAX has no public way to
+ask whether a backend has started, so it compiles a small matmul and reads the HLO). GPUs and
+TPUs ignore the flag.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 
-from jax._src import xla_bridge  # importing jax does not read XLA_FLAGS; starting a backend does
+import jax  # importing JAX does not read XLA_FLAGS; its first computation does
+import jax.numpy as jnp
 
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 
@@ -36,12 +38,10 @@ def disable_ynn_fusions(environ=os.environ) -> bool:
     if YNN_FLAG in flags:
         return False
     environ["XLA_FLAGS"] = f"{flags} {YNN_FLAG}=".strip()
-    if xla_bridge.backends_are_initialized():
-        warnings.warn(
-            "didistill was imported after JAX started its backends, so XLA:CPU keeps its "
-            f"YNNPACK fusions (known to give wrong results in jaxlib 0.10.2); set XLA_FLAGS="
-            f"'{YNN_FLAG}=' or import didistill before running JAX computations.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
     return True
+
+
+def ynn_fusions_active() -> bool:
+    """True if XLA:CPU still emits YNNPACK fusions in this process (starts the JAX backend)."""
+    x = jnp.ones((64, 64), jnp.float32)
+    return "__ynn_fusion" in jax.jit(lambda a: jnp.sum(a @ a)).lower(x).compile().as_text()
