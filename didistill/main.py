@@ -199,11 +199,11 @@ def main(argv: list[str]) -> None:
     import jax
 
     from didistill.distill import get_method
-    from didistill.train import logging as run_logging
+    from didistill.train import reporting
     from didistill.train.errors import DidistillError
     from didistill.train.loop import check_config, train
 
-    run_logging.setup()
+    reporting.setup()
     if not flags.FLAGS["verbosity"].present:  # orbax and jax log chattily at INFO through absl
         absl_logging.set_verbosity(absl_logging.WARNING)
     if jax.process_count() > 1:

@@ -11,7 +11,7 @@ import pytest
 
 from didistill.train import loop
 from didistill.train.errors import ConfigError, NonFiniteError
-from didistill.train.logging import MetricsWriter
+from didistill.train.reporting import MetricsWriter
 from didistill.train.validate import validate_config
 from tests import dummy_method
 

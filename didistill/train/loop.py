@@ -49,7 +49,7 @@ from typing import Any
 
 import jax
 
-from didistill.train import logging as run_logging
+from didistill.train import reporting
 from didistill.train import sharding
 from didistill.train.checkpoint import Checkpointer
 from didistill.train.errors import CheckpointError, NonFiniteError
@@ -150,7 +150,7 @@ class _Loop:
         clock = (time.perf_counter(), start)
         preempted = False
         show = tc.progress and jax.process_index() == 0
-        with run_logging.progress_bar(tc.num_steps, start, show) as bar:
+        with reporting.progress_bar(tc.num_steps, start, show) as bar:
             while step < tc.num_steps:
                 if self.watcher.requested(step):
                     preempted = True
@@ -192,7 +192,7 @@ class _Loop:
         return sharding.replicate(lambda: init_window(names), self.replicated)
 
     def _log(self, step: int, report, clock):
-        values = run_logging.to_jsonable(jax.device_get(report))
+        values = reporting.to_jsonable(jax.device_get(report))
         now = time.perf_counter()
         rate = (step - clock[1]) / max(now - clock[0], 1e-9)
         self.writer.write(step, values)
@@ -201,7 +201,7 @@ class _Loop:
             "step %d/%d | %s | %.3g steps/s",
             step,
             self.tc.num_steps,
-            run_logging.format_metrics(values),
+            reporting.format_metrics(values),
             rate,
         )
         self._check_nonfinite(values["nonfinite_consecutive"], step)
@@ -239,23 +239,23 @@ class _Loop:
 
 def _write_config(config, workdir: str) -> None:
     resolved = json.loads(config.to_json_best_effort(sort_keys=True))
-    run_logging.write_json(os.path.join(workdir, CONFIG_FILE), resolved)
+    reporting.write_json(os.path.join(workdir, CONFIG_FILE), resolved)
 
 
 def _evaluate(method: Method, state, step: int, eval_key, workdir: str, is_main: bool, mesh):
     eval_path = os.path.join(workdir, EVAL_FILE)
     if os.path.exists(eval_path):
-        previous = run_logging.read_json(eval_path)
+        previous = reporting.read_json(eval_path)
         if previous.get("step") == step:
             logger.info("eval.json already holds step %d: not evaluating again", step)
             return {k: v for k, v in previous.items() if k != "step"}
     logger.info("evaluating at step %d", step)
     # eager code may mix it with local arrays; a sharded (FSDP) state is gathered first
     local_state = sharding.local_copy(sharding.gather(state, mesh))
-    results = run_logging.to_jsonable(dict(method.evaluate(local_state, eval_key, workdir)))
+    results = reporting.to_jsonable(dict(method.evaluate(local_state, eval_key, workdir)))
     if is_main:
-        run_logging.write_json(eval_path, {**results, "step": step})
-    logger.info("eval | %s", run_logging.format_metrics(results))
+        reporting.write_json(eval_path, {**results, "step": step})
+    logger.info("eval | %s", reporting.format_metrics(results))
     return results
 
 
@@ -299,7 +299,7 @@ def train(method: Method, config, workdir: str) -> dict[str, Any]:
                     config.train.num_steps,
                 )
             state, start, window_json = restored.state, restored.step, restored.meta.get("window")
-        writer = run_logging.MetricsWriter(os.path.join(workdir, METRICS_FILE), start, is_main)
+        writer = reporting.MetricsWriter(os.path.join(workdir, METRICS_FILE), start, is_main)
         try:
             with PreemptionWatcher() as watcher:  # also covers the wait for the last save
                 loop = _Loop(method, config, mesh, state_sharding, ckpt, writer, watcher)
