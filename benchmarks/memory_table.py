@@ -28,7 +28,8 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType
 
-from didistill.distill import get_method, one_step_images
+from didistill.distill import get_method
+from didistill.distill.one_step import images as one_step_images
 from didistill.nets import convert_edm
 from didistill.train import sharding
 

@@ -124,7 +124,7 @@ def _digits_teacher_path(quick: bool, tmpdir: str) -> tuple[str, str]:
     if not quick and os.path.isfile(DIGITS_TEACHER):
         return DIGITS_TEACHER, f"trained ({DIGITS_TEACHER})"
     from configs import digits_teacher
-    from didistill.distill import image_teacher
+    from didistill.distill.teachers import images as image_teacher
     from didistill.nets.convert_edm import save_unet, unet_from_config
 
     net_cfg = image_teacher.unet_config(digits_teacher.get_config("smoke" if quick else None).net)
@@ -143,7 +143,7 @@ def _mdlm_teacher_path(quick: bool, tmpdir: str) -> str:
     """A randomly initialised MDLM teacher (synthetic_mdlm config) saved for DiDi-Instruct."""
     from configs import synthetic_mdlm
     from didistill.data import text
-    from didistill.distill import mdlm_teacher
+    from didistill.distill.teachers import mdlm as mdlm_teacher
 
     config = synthetic_mdlm.get_config("markov,smoke" if quick else "markov")
     method = mdlm_teacher.make_method(config)
@@ -315,7 +315,7 @@ def bench_sampling(quick: bool, repeats: int, tmpdir: str, log, domains=GROUPS) 
 def _sample_toy(quick, repeats, key):
     from configs import toy2d
     from didistill.diffusion import edm
-    from didistill.distill import one_step_toy
+    from didistill.distill.one_step import toy as one_step_toy
 
     config = toy2d.get_config("forward_kl")
     parts = one_step_toy.build(config)
@@ -339,7 +339,7 @@ def _sample_toy(quick, repeats, key):
 def _sample_digits(quick, repeats, key, tmpdir):
     from configs import digits_distill
     from didistill.diffusion import edm
-    from didistill.distill import one_step_images
+    from didistill.distill.one_step import images as one_step_images
 
     config = digits_distill.get_config("dmd2" + (",smoke" if quick else ""))
     config.teacher.checkpoint, how = _digits_teacher_path(quick, tmpdir)
@@ -373,7 +373,7 @@ def _sample_text(quick, repeats, key, tmpdir):
     teacher's architecture, so its cost at N steps is the teacher's at N steps."""
     from configs import synthetic_didi
     from didistill.diffusion import masked
-    from didistill.distill import mdlm_teacher
+    from didistill.distill.teachers import mdlm as mdlm_teacher
 
     shipped = os.path.join(REPO, synthetic_didi.SHIPPED_TEACHER)
     path = _mdlm_teacher_path(quick, tmpdir) if quick else shipped

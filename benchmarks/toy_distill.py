@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 from configs import toy2d
 from didistill.diffusion import edm
-from didistill.distill import get_method, one_step_toy
+from didistill.distill import get_method
+from didistill.distill.one_step import toy as one_step_toy
 
 METHODS = ("dmd2", "forward_kl", "jensen_shannon", "sid", "uni_instruct,forward_kl")
 

@@ -1,4 +1,4 @@
-"""One-step distillation of the 8x8 digits EDM teacher (didistill/distill/one_step_images.py).
+"""One-step distillation of the 8x8 digits EDM teacher (didistill/distill/one_step/images.py).
 
     --config=configs/digits_distill.py:jensen_shannon     f-distill with a registered divergence
     --config=configs/digits_distill.py:dmd2               a named method (dmd2, diff_instruct,

@@ -1,4 +1,4 @@
-"""EDM teacher on scikit-learn's 8x8 digits (didistill/distill/image_teacher.py).
+"""EDM teacher on scikit-learn's 8x8 digits (didistill/distill/teachers/images.py).
 
     --config=configs/digits_teacher.py            class-conditional U-Net, 8x8x1
     --config=configs/digits_teacher.py:uncond     unconditional
@@ -15,7 +15,7 @@ import ml_collections
 
 from configs import base
 
-METHOD = "didistill.distill.image_teacher:make_method"
+METHOD = "didistill.distill.teachers.images:make_method"
 _FLAGS = ("smoke", "uncond")
 
 

@@ -1,7 +1,7 @@
 """Shared pieces of every one-step distillation config (toy2d, digits, CIFAR-10, ImageNet-64).
 
 `parse(arg)` reads 'method,divergence,flag,...' (any order, all optional); `distill_block`
-is the `config.distill` block read by `didistill.distill.one_step` with its defaults;
+is the `config.distill` block read by `didistill.distill.one_step.method` with its defaults;
 `optimizers` sets the three optimizer blocks (generator, fake score, discriminator).
 """
 
@@ -36,7 +36,7 @@ def parse(arg, flags_allowed, default_divergence="jensen_shannon", name="one_ste
 
 
 def distill_block(method, divergence, critic_steps, gan_weight, **overrides):
-    """`config.distill`: the method's hyperparameters (see `didistill/distill/one_step.py`)."""
+    """`config.distill`: the method's hyperparameters (`didistill/distill/one_step/method.py`)."""
     block = dict(
         divergence=divergence,
         divergence_params=ml_collections.ConfigDict(),

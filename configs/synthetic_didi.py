@@ -1,4 +1,4 @@
-"""DiDi-Instruct on a synthetic language (didistill/distill/didi.py).
+"""DiDi-Instruct on a synthetic language (didistill/distill/discrete/didi.py).
 
     --config=configs/synthetic_didi.py:markov --config.teacher.path=DIR/teacher_params.msgpack
     --config=configs/synthetic_didi.py:markov,smoke       tiny run, for tests
@@ -61,7 +61,7 @@ def get_config(arg=None):
     config.eval = ml_collections.ConfigDict(
         dict(num_samples=512, batch_size=256, sample_steps=(8, 16, 32), judge_smoothing=1e-4)
     )
-    # Reward-guided ancestral sampler (didistill/distill/guided_sampling.py), reported as
+    # Reward-guided ancestral sampler (didistill/distill/discrete/guided_sampling.py), reported as
     # student_guided/steps{N}/... next to the plain student. The reference's released setting
     # is guidance 30 -> 40 with best_of=4 and tilt_until=0.5 (its initial one 0.2 -> 1.0).
     config.eval.guided = ml_collections.ConfigDict(

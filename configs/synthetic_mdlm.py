@@ -1,4 +1,4 @@
-"""MDLM teacher on a synthetic language with exact likelihood (didistill/distill/mdlm_teacher.py).
+"""MDLM teacher on a synthetic language with exact likelihood (didistill/distill/teachers/mdlm.py).
 
     --config=configs/synthetic_mdlm.py:markov          full run (CPU minutes)
     --config=configs/synthetic_mdlm.py:hmm,smoke       tiny network and run, for tests

@@ -1,4 +1,4 @@
-"""Step-halving (SDTT) distillation on a synthetic language (didistill/distill/step_halving.py).
+"""Step-halving (SDTT) distillation on a synthetic language (distill/discrete/step_halving.py).
 
     --config=configs/synthetic_sdtt.py:markov --config.teacher.path=DIR/teacher_params.msgpack
     --config=configs/synthetic_sdtt.py:markov,smoke       tiny run, for tests

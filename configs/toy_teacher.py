@@ -1,4 +1,4 @@
-"""EDM teacher on an analytic 2-D toy (method 'edm_teacher', didistill/distill/teacher.py).
+"""EDM teacher on an analytic 2-D toy (method 'edm_teacher', didistill/distill/teachers/toy.py).
 
     --config=configs/toy_teacher.py:ring8          full run (3000 steps, ~1-2 CPU minutes)
     --config=configs/toy_teacher.py:ring8,smoke    tiny network and run, for tests

@@ -118,8 +118,8 @@ def teacher_rows(config, nfes, num_samples: int, sigmas):
     import jax.numpy as jnp
 
     from didistill.diffusion import edm
-    from didistill.distill import image_teacher
-    from didistill.distill.one_step_images import load_teacher_unet
+    from didistill.distill.one_step.images import load_teacher_unet
+    from didistill.distill.teachers import images as image_teacher
     from didistill.train.loop import run_keys
 
     fid_fn = image_teacher.make_feature_fid(config)
@@ -195,7 +195,7 @@ def markdown(rows: list[dict], header: str) -> str:
 def save_grid(grids: dict[str, np.ndarray], path: str) -> str:
     """One row of GRID_COLUMNS images per model, in the order of `grids`, each pixel drawn as
     GRID_ZOOM x GRID_ZOOM (8x8 digits are too small to see otherwise)."""
-    from didistill.distill.image_teacher import save_image_grid
+    from didistill.distill.teachers.images import save_image_grid
 
     images = np.concatenate([g[:GRID_COLUMNS] for g in grids.values()])  # [N, H, W, C]
     images = images.repeat(GRID_ZOOM, axis=1).repeat(GRID_ZOOM, axis=2)

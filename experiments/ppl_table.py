@@ -70,7 +70,7 @@ def teacher_path(args) -> str:
     config.train.progress = False
     workdir = os.path.join(args.workdir, "teacher")
     common.train_run(config, workdir)
-    from didistill.distill.mdlm_teacher import TEACHER_FILE
+    from didistill.distill.teachers.mdlm import TEACHER_FILE
 
     return os.path.join(workdir, TEACHER_FILE)
 
@@ -109,7 +109,7 @@ def teacher_samples_report(teacher: str, num_steps: int, num_samples: int = 512,
 
     from didistill.data import text
     from didistill.diffusion import masked
-    from didistill.distill.mdlm_teacher import load_teacher_denoiser, logits_fn_of
+    from didistill.distill.teachers.mdlm import load_teacher_denoiser, logits_fn_of
     from didistill.eval import text as text_eval
 
     net, params, meta = load_teacher_denoiser(teacher)
@@ -200,7 +200,7 @@ def main(argv=None) -> dict:
     divergences = [d for d in (args.sdtt_divergences or settings["divergences"]).split(",") if d]
     import jax
 
-    from didistill.distill.mdlm_teacher import load_teacher
+    from didistill.distill.teachers.mdlm import load_teacher
 
     common.use_compilation_cache(args.workdir, args.jax_cache)
     start = time.perf_counter()

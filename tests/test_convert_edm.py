@@ -253,7 +253,7 @@ class TestFiles:
         assert isinstance(net, UNetDenoiser) and net.label_dim == 10 and net.channel_mult == (1, 2)
         assert meta["net"]["arch"] == "unet" and meta["source"] == "edm.npz"
         jax.tree.map(np.testing.assert_array_equal, loaded, variables)
-        from didistill.distill.teacher import load_teacher  # the same file layout
+        from didistill.distill.teachers.toy import load_teacher  # the same file layout
 
         params, teacher_meta = load_teacher(str(out))
         assert teacher_meta == meta

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import synthetic_didi
-from didistill.distill import didi
+from didistill.distill.discrete import didi
 from tests.tiny_text_teacher import LANGUAGE, LENGTH, save_tiny_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from didistill.diffusion import masked
-from didistill.distill import didi_losses as dl
+from didistill.distill.discrete import didi_losses as dl
 
 
 class TestPolicyGradientLoss:

@@ -1,5 +1,5 @@
 """Tests for didistill.nets.dit (the text DiT), and for the MDLM teacher method that trains it
-(didistill.distill.mdlm_teacher, configs/synthetic_mdlm.py, configs/owt_mdlm.py)."""
+(didistill.distill.teachers.mdlm, configs/synthetic_mdlm.py, configs/owt_mdlm.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +10,7 @@ from jax.flatten_util import ravel_pytree
 from configs import owt_mdlm, synthetic_mdlm
 from didistill.data import text
 from didistill.diffusion import masked
-from didistill.distill import mdlm_teacher
+from didistill.distill.teachers import mdlm as mdlm_teacher
 from didistill.eval import text as text_eval
 from didistill.nets.dit import DiT, apply_rotary
 

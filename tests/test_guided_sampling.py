@@ -11,8 +11,8 @@ import pytest
 
 from configs import synthetic_didi
 from didistill.diffusion import masked
-from didistill.distill import didi
-from didistill.distill.guided_sampling import guided_sample, tilt_log_probs
+from didistill.distill.discrete import didi
+from didistill.distill.discrete.guided_sampling import guided_sample, tilt_log_probs
 from tests.tiny_text_teacher import LANGUAGE, LENGTH, save_tiny_teacher
 
 V, L = 4, 8  # tokens 0..3, [MASK] = 4

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import cifar10_distill, digits_distill, digits_teacher, imagenet64_distill
-from didistill.distill import one_step
+from didistill.distill.one_step import method as one_step
 
 ARGS = (
     "",
@@ -68,7 +68,7 @@ def test_smoke_config_runs_two_steps(module, resolution, label_dim, tmp_path, mo
     default it has one U-Net level (compiling a deeper one costs minutes on a loaded CPU), so
     the head reads its only feature map; DIDISTILL_SLOW_TESTS=1 uses levels down to 8x8 (ADM
     with attention at 8x8) and the config's discriminator resolutions."""
-    from didistill.distill import image_teacher
+    from didistill.distill.teachers import images as image_teacher
     from didistill.nets.convert_edm import load_unet
     from tests.test_adm import save_tiny_adm_teacher
     from tests.test_one_step_images import random_data, run_two_steps, save_tiny_teacher

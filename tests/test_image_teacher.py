@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from configs import digits_teacher
-from didistill.distill import get_method, image_teacher
+from didistill.distill import get_method
+from didistill.distill.teachers import images as image_teacher
 from didistill.nets.convert_edm import load_unet
 
 RBG = dict(impl="unsafe_rbg")  # cheap to compile on CPU

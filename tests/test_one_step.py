@@ -13,7 +13,8 @@ import pytest
 
 from configs import toy2d, toy_teacher
 from didistill.data import toy
-from didistill.distill import get_method, one_step
+from didistill.distill import get_method
+from didistill.distill.one_step import method as one_step
 from didistill.train.loop import train
 
 ASSET = os.path.join(os.path.dirname(__file__), "..", "assets", "toy", "ring8_teacher.msgpack")

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from configs import digits_distill
-from didistill.distill import get_method, image_teacher
+from didistill.distill import get_method
+from didistill.distill.teachers import images as image_teacher
 from didistill.nets.convert_edm import save_unet, unet_from_config
 
 RBG = dict(impl="unsafe_rbg")  # cheap to compile on CPU

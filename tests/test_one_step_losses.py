@@ -13,7 +13,7 @@ import pytest
 from jax import enable_x64
 from scipy import stats
 
-from didistill.distill import one_step_losses as L
+from didistill.distill.one_step import losses as L
 from didistill.divergences import get
 
 SIGMA = 0.8

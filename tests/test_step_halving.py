@@ -11,7 +11,7 @@ import pytest
 
 from configs import synthetic_sdtt
 from didistill.diffusion import masked
-from didistill.distill import step_halving as sh
+from didistill.distill.discrete import step_halving as sh
 from didistill.divergences.categorical import categorical_names
 from tests.tiny_text_teacher import LANGUAGE, LENGTH, save_tiny_teacher
 

@@ -1,4 +1,4 @@
-"""Tests for didistill.distill.teacher (the 'edm_teacher' method) and configs/toy_teacher.py."""
+"""Tests for didistill.distill.teachers.toy (method 'edm_teacher') and configs/toy_teacher.py."""
 
 import itertools
 import os
@@ -10,7 +10,7 @@ import pytest
 
 from configs import toy_teacher
 from didistill.data import toy
-from didistill.distill import teacher
+from didistill.distill.teachers import toy as teacher
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from didistill.distill.mdlm_teacher import make_denoiser, save_teacher
+from didistill.distill.teachers.mdlm import make_denoiser, save_teacher
 
 LANGUAGE, LENGTH = "markov_tiny", 8
 

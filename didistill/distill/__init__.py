@@ -15,14 +15,14 @@ from didistill.train.method import Method
 
 # name -> "package.module:factory"
 METHODS: dict[str, str] = {
-    "edm_teacher": "didistill.distill.teacher:make_method",
-    "mdlm_teacher": "didistill.distill.mdlm_teacher:make_method",
-    "didi_instruct": "didistill.distill.didi:make_method",
-    "step_halving": "didistill.distill.step_halving:make_method",
+    "edm_teacher": "didistill.distill.teachers.toy:make_method",
+    "mdlm_teacher": "didistill.distill.teachers.mdlm:make_method",
+    "didi_instruct": "didistill.distill.discrete.didi:make_method",
+    "step_halving": "didistill.distill.discrete.step_halving:make_method",
     "classifier": "didistill.distill.kd:make_classifier_method",
     "kd": "didistill.distill.kd:make_kd_method",
     **{
-        name: "didistill.distill.one_step:make_method"
+        name: "didistill.distill.one_step.method:make_method"
         for name in ("f_distill", "dmd2", "diff_instruct", "sid", "uni_instruct")
     },
 }

@@ -34,7 +34,7 @@ Name and layout mapping (state dict <-> Flax, see `didistill.nets.unet` and `.ad
 plus the buffers `model.*.conv0.resample_filter` / `model.*.skip.resample_filter`
 ([1, 1, 2, 2], all 1/4, the [1, 1] filter of both DDPM++ and ADM) of up/down blocks, which
 carry no parameter and are checked, then dropped (ADM's up/down skips are only that filter: no
-`skip.weight`). The written file has the layout of `didistill.distill.teacher.save_teacher`
+`skip.weight`). The written file has the layout of `didistill.distill.teachers.toy.save_teacher`
 (format 'didistill.teacher/1'), with meta['net'] = the network config including
 meta['net']['arch'] ('unet' or 'adm'), so `load_teacher` reads it and `load_unet` rebuilds
 the network.
@@ -57,7 +57,7 @@ from flax import traverse_util
 from didistill.nets.adm import ADMDenoiser
 from didistill.nets.unet import UNetDenoiser
 
-FORMAT = "didistill.teacher/1"  # same file layout as didistill.distill.teacher.save_teacher
+FORMAT = "didistill.teacher/1"  # same file layout as didistill.distill.teachers.toy.save_teacher
 RESAMPLE_FILTER = np.full((1, 1, 2, 2), 0.25, np.float32)  # EDM's [1, 1] filter, normalised
 
 _EDM_CIFAR10 = dict(

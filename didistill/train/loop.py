@@ -49,8 +49,7 @@ from typing import Any
 
 import jax
 
-from didistill.train import reporting
-from didistill.train import sharding
+from didistill.train import reporting, sharding
 from didistill.train.checkpoint import Checkpointer
 from didistill.train.errors import CheckpointError, NonFiniteError
 from didistill.train.method import Method

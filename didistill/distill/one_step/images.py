@@ -35,8 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from didistill.diffusion import edm
-from didistill.distill import image_teacher
-from didistill.distill.parts import OneStepParts
+from didistill.distill.one_step.parts import OneStepParts
+from didistill.distill.teachers import images as image_teacher
 from didistill.nets.convert_edm import load_unet
 from didistill.nets.unet import ConvHead
 

@@ -104,7 +104,7 @@ import optax
 
 from didistill.data import text
 from didistill.diffusion import masked
-from didistill.distill.mdlm_teacher import load_teacher_denoiser, logits_fn_of
+from didistill.distill.teachers.mdlm import load_teacher_denoiser, logits_fn_of
 from didistill.divergences.categorical import categorical_from_log_probs, categorical_names
 from didistill.eval import text as text_eval
 from didistill.train.method import Method

@@ -18,8 +18,8 @@ import numpy as np
 
 from didistill.data import toy
 from didistill.diffusion import edm
-from didistill.distill.parts import OneStepParts
-from didistill.distill.teacher import load_teacher_denoiser
+from didistill.distill.one_step.parts import OneStepParts
+from didistill.distill.teachers.toy import load_teacher_denoiser
 from didistill.eval import plots
 from didistill.eval.toy import mode_histogram, toy_metrics
 from didistill.nets.mlp import MLPDenoiser, MLPHead

@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 
 from didistill import divergences
-from didistill.distill import one_step_losses as losses
-from didistill.distill.parts import OneStepParts
+from didistill.distill.one_step import losses
+from didistill.distill.one_step.parts import OneStepParts
 from didistill.train.method import Method
 from didistill.train.optim import apply_gradients, ema_update, make_optimizer
 from didistill.train.sharding import shard_batch
@@ -91,11 +91,11 @@ def build_parts(config) -> OneStepParts:
     """The data-specific pieces: `config.data.kind` 'toy' (`one_step_toy`) or 'images'."""
     kind = config.data.get("kind", "toy")
     if kind == "toy":
-        from didistill.distill import one_step_toy
+        from didistill.distill.one_step import toy as one_step_toy
 
         return one_step_toy.build(config)
     if kind == "images":
-        from didistill.distill import one_step_images
+        from didistill.distill.one_step import images as one_step_images
 
         return one_step_images.build(config)
     raise ValueError(f"config.data.kind={kind!r} is not one of ('toy', 'images')")

@@ -54,9 +54,9 @@ import optax
 
 from didistill.data import text
 from didistill.diffusion import masked
-from didistill.distill import didi_losses as losses
-from didistill.distill import guided_sampling
-from didistill.distill.mdlm_teacher import load_teacher_denoiser, logits_fn_of
+from didistill.distill.discrete import didi_losses as losses
+from didistill.distill.discrete import guided_sampling
+from didistill.distill.teachers.mdlm import load_teacher_denoiser, logits_fn_of
 from didistill.eval import text as text_eval
 from didistill.train.method import Method
 from didistill.train.optim import apply_gradients, ema_update, make_optimizer
