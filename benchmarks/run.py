@@ -120,20 +120,20 @@ def device_peak_bytes() -> int | None:
 
 def _digits_teacher_path(quick: bool, tmpdir: str) -> tuple[str, str]:
     """(U-Net teacher file, how it was made): the shipped asset, or a random-weight U-Net of
-    `configs/digits_teacher.py` (its smoke network with --quick) saved with `save_unet`."""
+    `configs/digits_teacher.py` (its smoke network with --quick) saved as a network file."""
     if not quick and os.path.isfile(DIGITS_TEACHER):
         return DIGITS_TEACHER, f"trained ({DIGITS_TEACHER})"
     from configs import digits_teacher
-    from didistill.distill.teachers import images as image_teacher
-    from didistill.nets.convert_edm import save_unet, unet_from_config
+    from didistill.nets.convert_edm import unet_from_config
+    from didistill.nets.files import json_config, save_model
 
-    net_cfg = image_teacher.unet_config(digits_teacher.get_config("smoke" if quick else None).net)
+    net_cfg = json_config(digits_teacher.get_config("smoke" if quick else None).net)
     net, shape = unet_from_config(net_cfg)
     labels = jnp.zeros((1,), jnp.int32) if net.label_dim else None
     variables = jax.jit(lambda k: net.init(k, jnp.zeros((1, *shape)), jnp.ones((1,)), labels))(
         jax.random.key(0)
     )
-    path = save_unet(os.path.join(tmpdir, "digits_teacher.msgpack"), variables, net_cfg)
+    path = save_model(os.path.join(tmpdir, "digits_teacher.msgpack"), variables, net_cfg, "unet")
     size = "smoke-sized" if quick else "digits_teacher.py-sized"
     why = "--quick" if quick else f"{DIGITS_TEACHER} missing"
     return path, f"random init, {size} U-Net ({why})"
@@ -144,17 +144,17 @@ def _mdlm_teacher_path(quick: bool, tmpdir: str) -> str:
     from configs import synthetic_mdlm
     from didistill.data import text
     from didistill.distill.teachers import mdlm as mdlm_teacher
+    from didistill.nets.files import save_model
 
     config = synthetic_mdlm.get_config("markov,smoke" if quick else "markov")
     method = mdlm_teacher.make_method(config)
     params = jax.jit(method.init)(jax.random.key(0)).ema_params
     vocab = text.get_language(config.data.language).vocab_size
-    meta = {
-        "data": dict(config.data),
-        "net": dict(config.net, vocab_size=vocab, max_length=config.data.length),
-        "diffusion": dict(config.diffusion),
-    }
-    return mdlm_teacher.save_teacher(os.path.join(tmpdir, "mdlm_teacher.msgpack"), params, meta)
+    net_cfg = dict(config.net, vocab_size=vocab, max_length=config.data.length)
+    path = os.path.join(tmpdir, "mdlm_teacher.msgpack")
+    return save_model(
+        path, params, net_cfg, "dit", data=dict(config.data), diffusion=dict(config.diffusion)
+    )
 
 
 def selected(name: str, patterns) -> bool:

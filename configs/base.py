@@ -33,18 +33,51 @@ def optimizer(
     )
 
 
+def parse_arg(arg, config_name: str, slots=None, flags=(), defaults=None):
+    """The one parser of `--config=FILE.py:ARG` arguments: ARG is comma-separated tokens in any
+    order, each either a value of one named slot (e.g. a method, a divergence, a language) or
+    a flag. Returns ({slot: value}, {flags}); a slot not given takes its default (or None).
+
+    Raises ValueError naming the config and the valid tokens for an unknown token, and for two
+    values of one slot (contradictory arguments never silently last-win)."""
+    slots, defaults = dict(slots or {}), dict(defaults or {})
+    values, given = {name: defaults.get(name) for name in slots}, set()
+    chosen_flags = set()
+    for token in (t.strip() for t in (arg or "").split(",")):
+        if not token:
+            continue
+        slot = next((name for name, choices in slots.items() if token in choices), None)
+        if slot is not None:
+            if slot in given and values[slot] != token:
+                raise ValueError(
+                    f"{config_name} config arg {arg!r} names two values of {slot}: "
+                    f"{values[slot]!r} and {token!r}; give one"
+                )
+            values[slot], _ = token, given.add(slot)
+        elif token in flags:
+            chosen_flags.add(token)
+        else:
+            valid = "; ".join(f"a {name} in {tuple(choices)}" for name, choices in slots.items())
+            valid = "; ".join(filter(None, (valid, f"a flag in {tuple(flags)}" if flags else "")))
+            raise ValueError(
+                f"{config_name} config arg token {token!r} is not valid; expected "
+                + (valid or "no argument")
+            )
+    return values, chosen_flags
+
+
 def language_arg(arg, config_name: str, allowed_flags=("smoke",)) -> tuple[str, set[str]]:
     """'<language>[,flag,...]' of the synthetic-language configs -> (language, flags)."""
     from didistill.data import text
 
-    parts = [p.strip() for p in (arg or "markov").split(",") if p.strip()]
-    name, flags = parts[0], set(parts[1:])
-    if name not in text.LANGUAGES or not flags <= set(allowed_flags):
-        raise ValueError(
-            f"{config_name} config arg {arg!r}: expected '<language>' or '<language>,<flag>' "
-            f"with flag in {tuple(allowed_flags)} and language in {sorted(text.LANGUAGES)}"
-        )
-    return name, flags
+    values, flags = parse_arg(
+        arg,
+        config_name,
+        {"language": sorted(text.LANGUAGES)},
+        allowed_flags,
+        {"language": "markov"},
+    )
+    return values["language"], flags
 
 
 def get_config():

@@ -29,13 +29,16 @@ Hyperparameters (reference/continuous_distillation.md 1.4, 2.4, 3.3, 3.4):
 Ready for GPU/TPU: the batch is sharded over the 'data' mesh axis by the engine.
 """
 
-from configs import digits_distill as common
+from configs import one_step_common as common
+from didistill.distill.one_step import table
 
 TEACHER = "data/edm/edm-cifar10-cond.msgpack"
 
 
 def get_config(arg=None):
-    method, divergence, flags = common.parse(arg, "forward_kl", "cifar10_distill")
+    method, divergence, flags = common.parse(
+        arg, common.IMAGE_FLAGS, "forward_kl", "cifar10_distill"
+    )
     config = common.image_distill_config(method, divergence, flags)
     config.data.name = "cifar10"
     config.teacher.checkpoint = TEACHER
@@ -47,14 +50,14 @@ def get_config(arg=None):
     config.train.log_every = 100
     config.train.checkpoint_every = 5000
     d = config.distill
-    if method in ("sid", "uni_instruct", "diff_instruct"):
+    if table.METHODS[method].recipe == "sid":
         for opt in (config.optim_generator, config.optim_fake_score, config.optim_discriminator):
             opt.update(dict(name="adam", learning_rate=1e-5, b1=0.0, b2=0.999))
         config.train.batch_size = 256
         config.ema_decay = 0.5 ** (256 / 500_000)
         config.train.num_steps = 500_000_000 // 256  # 500 Mimg (SiD)
         d.critic_steps = 1
-        d.gan_weight = 0.01 if method == "uni_instruct" else 0.0
+        d.gan_weight = 0.01 if table.METHODS[method].gan else 0.0
     else:
         for opt in (config.optim_generator, config.optim_fake_score, config.optim_discriminator):
             opt.update(dict(name="adamw", learning_rate=1e-4, b1=0.9, b2=0.999, weight_decay=0.01))

@@ -23,13 +23,8 @@ METHOD = "classifier"  # didistill.distill.kd:make_classifier_method
 
 def parse_arg(arg, name="digits_classifier", roles=ROLES):
     """(role, smoke) from "<role>[,smoke]"; ValueError naming the valid roles."""
-    parts = [p.strip() for p in (arg or roles[0]).split(",") if p.strip()]
-    flags = set(parts[1:])
-    if not parts or parts[0] not in roles or not flags <= {"smoke"}:
-        raise ValueError(
-            f"{name} config arg {arg!r}: expected '<role>' or '<role>,smoke' with role in {roles}"
-        )
-    return parts[0], "smoke" in flags
+    values, flags = base.parse_arg(arg, name, {"role": roles}, ("smoke",), {"role": roles[0]})
+    return values["role"], "smoke" in flags
 
 
 def teacher_net():

@@ -6,7 +6,7 @@
 
 The digits are prepared offline into `config.data.data_dir` (default 'data/tfds', relative to
 the working directory) on first use. The run writes samples.png, eval.json and
-teacher.msgpack (a `convert_edm.save_unet` file that `configs/digits_distill.py` reads as its
+teacher.msgpack (a U-Net network file that `configs/digits_distill.py` reads as its
 teacher); the shipped `assets/digits/teacher.msgpack` comes from this config (see
 assets/README.md for the command and the measured numbers).
 """
@@ -15,14 +15,12 @@ import ml_collections
 
 from configs import base
 
-METHOD = "didistill.distill.teachers.images:make_method"
+METHOD = "image_teacher"
 _FLAGS = ("smoke", "uncond")
 
 
 def get_config(arg=None):
-    flags = {t.strip() for t in (arg or "").split(",") if t.strip()}
-    if not flags <= set(_FLAGS):
-        raise ValueError(f"digits_teacher config arg {arg!r}: flags must be among {_FLAGS}")
+    _, flags = base.parse_arg(arg, "digits_teacher", flags=_FLAGS)
     config = base.get_config()
     config.method = METHOD
     config.data = ml_collections.ConfigDict(

@@ -19,7 +19,7 @@ Export its state dict with EDM's code (see the docstring of convert_edm), then c
     python -m didistill.nets.convert_edm edm-imagenet64-cond.npz \\
         data/edm/edm-imagenet64-cond.msgpack --config=edm-imagenet64-cond
 
-Any `convert_edm.save_unet` file of a label_dim-1000 64x64 network with an 8x8 encoder level
+Any U-Net network file of a label_dim-1000 64x64 network with an 8x8 encoder level
 (ADM or DDPM++) also works. Data: tfds `imagenet_resized/64x64` prepared in array_record
 format under `config.data.data_dir` (see didistill/data/images.py).
 
@@ -36,13 +36,16 @@ Hyperparameters (reference/continuous_distillation.md 1.4, 2.4, 3.3, 3.4):
   weight 0.01. Not implemented: fp16 and the generator loss scale 100.
 """
 
-from configs import digits_distill as common
+from configs import one_step_common as common
+from didistill.distill.one_step import table
 
 TEACHER = "data/edm/edm-imagenet64-cond.msgpack"
 
 
 def get_config(arg=None):
-    method, divergence, flags = common.parse(arg, "jensen_shannon", "imagenet64_distill")
+    method, divergence, flags = common.parse(
+        arg, common.IMAGE_FLAGS, "jensen_shannon", "imagenet64_distill"
+    )
     config = common.image_distill_config(method, divergence, flags)
     config.data.name = "imagenet64"
     config.teacher.checkpoint = TEACHER
@@ -55,14 +58,14 @@ def get_config(arg=None):
     config.train.checkpoint_every = 5000
     d = config.distill
     opts = (config.optim_generator, config.optim_fake_score, config.optim_discriminator)
-    if method in ("sid", "uni_instruct", "diff_instruct"):
+    if table.METHODS[method].recipe == "sid":
         for opt in opts:
             opt.update(dict(name="adam", learning_rate=4e-6, b1=0.0, b2=0.999))
         config.train.batch_size = 8192
         config.ema_decay = 0.5 ** (8192 / 2_000_000)
         config.train.num_steps = 1_000_000_000 // 8192  # 1000 Mimg (SiD)
         d.critic_steps = 1
-        d.gan_weight = 0.01 if method == "uni_instruct" else 0.0
+        d.gan_weight = 0.01 if table.METHODS[method].gan else 0.0
     else:
         for opt in opts:
             opt.update(dict(name="adamw", learning_rate=2e-6, b1=0.9, b2=0.999, weight_decay=0.01))

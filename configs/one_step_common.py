@@ -1,5 +1,6 @@
 """Shared pieces of every one-step distillation config (toy2d, digits, CIFAR-10, ImageNet-64).
 
+The method names and their defaults come from the one table `didistill.distill.one_step.table`.
 `parse(arg)` reads 'method,divergence,flag,...' (any order, all optional); `distill_block`
 is the `config.distill` block read by `didistill.distill.one_step.method` with its defaults;
 `optimizers` sets the three optimizer blocks (generator, fake score, discriminator).
@@ -9,39 +10,32 @@ import ml_collections
 
 from configs import base
 from didistill import divergences
+from didistill.distill.one_step import table
 
-METHODS = ("f_distill", "dmd2", "diff_instruct", "sid", "uni_instruct")
-GAN_METHODS = ("f_distill", "dmd2", "uni_instruct")
+METHODS = tuple(table.METHODS)
 
 
 def parse(arg, flags_allowed, default_divergence="jensen_shannon", name="one_step"):
-    """'method,divergence,flag,...' -> (method, divergence, flags)."""
-    tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
-    method, divergence, flags = "f_distill", None, set()
-    for token in tokens:
-        if token in METHODS:
-            method = token
-        elif token in divergences.names():
-            divergence = token
-        elif token in flags_allowed:
-            flags.add(token)
-        else:
-            raise ValueError(
-                f"{name} config arg token {token!r} is not a method {METHODS}, a divergence "
-                f"{divergences.names()} or a flag {tuple(flags_allowed)}"
-            )
+    """'method,divergence,flag,...' -> (method, divergence, flags); any order, all optional.
+    The divergence defaults to `default_divergence` for a method that takes any, else to the
+    method's own (`one_step.table`)."""
+    slots = {"method": METHODS, "divergence": divergences.names()}
+    values, flags = base.parse_arg(arg, name, slots, flags_allowed, {"method": "f_distill"})
+    method, divergence = values["method"], values["divergence"]
     if divergence is None:
-        divergence = default_divergence if method in ("f_distill", "uni_instruct") else "reverse_kl"
+        divergence = table.METHODS[method].divergence or default_divergence
     return method, divergence, flags
 
 
 def distill_block(method, divergence, critic_steps, gan_weight, **overrides):
-    """`config.distill`: the method's hyperparameters (`didistill/distill/one_step/method.py`)."""
+    """`config.distill`: the method's hyperparameters (`didistill/distill/one_step/method.py`),
+    with the method's defaults from its row of `one_step.table`."""
+    spec = table.METHODS[method]
     block = dict(
         divergence=divergence,
         divergence_params=ml_collections.ConfigDict(),
         critic_steps=critic_steps,  # fake-score and discriminator updates per generator update
-        gan_weight=gan_weight if method in GAN_METHODS else 0.0,
+        gan_weight=gan_weight if spec.gan else 0.0,
         ratio="discriminator",
         ratio_lower=0.1,  # FastGen clips r to [0.1, 20]
         ratio_upper=20.0,
@@ -49,8 +43,8 @@ def distill_block(method, divergence, critic_steps, gan_weight, **overrides):
         num_bins=10,
         ratio_ema_rate=0.0,
         normalize_weights=True,  # h divided by its batch mean
-        time_weight="none" if method == "diff_instruct" else "dmd",
-        alpha={"sid": 1.2, "uni_instruct": 1.0}.get(method, 1.0),
+        time_weight=spec.time_weight,
+        alpha=spec.alpha,
         num_sigmas=1000,
         sigma_min=0.002,
         sigma_max=80.0,
@@ -65,4 +59,60 @@ def optimizers(config, learning_rate, **kwargs):
     """The same optimizer block for the generator, the fake score and the discriminator."""
     for name in ("optim_generator", "optim_fake_score", "optim_discriminator"):
         config[name] = base.optimizer(learning_rate=learning_rate, **kwargs)
+    return config
+
+
+IMAGE_FLAGS = ("smoke", "scratch")
+
+
+def image_distill_config(method, divergence, flags):
+    """Every key of an image distillation config, with digits-sized defaults."""
+    config = base.get_config()
+    config.method = method
+    config.data = ml_collections.ConfigDict(
+        dict(kind="images", name="digits", data_dir="data/tfds", resolution=None)
+    )
+    config.teacher = ml_collections.ConfigDict(
+        dict(checkpoint="assets/digits/teacher.msgpack", score="network")
+    )
+    config.generator = ml_collections.ConfigDict(
+        dict(kind="unet", init="scratch" if "scratch" in flags else "teacher")
+    )
+    # z ~ N(0, sigma_g^2 I) at sigma_g: 80 = sigma_max (DMD2, FastGen), 2.5 (SiD, Uni-Instruct).
+    config.generator.sigma = table.METHODS[method].sigma_g
+    config.discriminator = ml_collections.ConfigDict(
+        dict(resolutions=(8, 4), width=64, num_layers=2)  # a ConvHead on teacher features
+    )
+    config.distill = distill_block(method, divergence, critic_steps=5, gan_weight=1e-3)
+    optimizers(config, learning_rate=1e-4, b1=0.0, b2=0.99)
+    config.ema_decay = 0.999
+    config.eval = ml_collections.ConfigDict(
+        dict(
+            num_samples=500,
+            batch_size=500,
+            teacher_nfe=35,
+            feature_checkpoint="assets/digits/classifier_teacher.msgpack",  # digits FID if present
+        )
+    )
+    config.train.num_steps = 2000
+    config.train.batch_size = 128
+    config.train.log_every = 50
+    config.train.checkpoint_every = 1000
+    return config
+
+
+def shrink_for_smoke(config):
+    """Two-step-sized settings for tests (the networks' size comes from the teacher file)."""
+    config.train.num_steps = 2
+    config.train.batch_size = 4
+    config.train.log_every = 1
+    config.train.checkpoint_every = 0
+    config.train.progress = False
+    config.distill.critic_steps = 1
+    config.discriminator.width = 8
+    config.discriminator.num_layers = 1
+    config.eval.num_samples = 8
+    config.eval.batch_size = 8
+    config.eval.teacher_nfe = 3
+    config.eval.feature_checkpoint = ""
     return config

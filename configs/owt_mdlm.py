@@ -20,8 +20,7 @@ from configs import base, synthetic_mdlm
 
 
 def get_config(arg=None):
-    if arg:
-        raise ValueError(f"owt_mdlm takes no config arg, got {arg!r}")
+    base.parse_arg(arg, "owt_mdlm")  # takes no argument
     config = synthetic_mdlm.get_config("markov")
     config.data.update(
         kind="tfds",

@@ -1,4 +1,4 @@
-"""EDM teacher on an analytic 2-D toy (method 'edm_teacher', didistill/distill/teachers/toy.py).
+"""EDM teacher on an analytic 2-D toy (method 'toy_teacher', didistill/distill/teachers/toy.py).
 
     --config=configs/toy_teacher.py:ring8          full run (3000 steps, ~1-2 CPU minutes)
     --config=configs/toy_teacher.py:ring8,smoke    tiny network and run, for tests
@@ -21,20 +21,16 @@ from didistill.data import toy
 
 
 def _parse(arg):
-    parts = [p.strip() for p in (arg or "ring8").split(",") if p.strip()]
-    name, flags = parts[0], set(parts[1:])
-    if name not in toy.TOYS or not flags <= {"smoke"}:
-        raise ValueError(
-            f"toy_teacher config arg {arg!r}: expected '<toy>' or '<toy>,smoke' with toy in "
-            f"{sorted(toy.TOYS)}"
-        )
-    return name, "smoke" in flags
+    values, flags = base.parse_arg(
+        arg, "toy_teacher", {"toy": tuple(toy.TOYS)}, ("smoke",), {"toy": "ring8"}
+    )
+    return values["toy"], "smoke" in flags
 
 
 def get_config(arg=None):
     name, smoke = _parse(arg)
     config = base.get_config()
-    config.method = "edm_teacher"
+    config.method = "toy_teacher"
     config.data = ml_collections.ConfigDict(dict(toy=name))
 
     std = toy.data_std(toy.get_toy(name))

@@ -117,12 +117,13 @@ def teacher_rows(config, nfes, num_samples: int, sigmas):
     import jax
     import jax.numpy as jnp
 
+    from didistill.data.images import load_arrays
     from didistill.diffusion import edm
     from didistill.distill.one_step.images import load_teacher_unet
-    from didistill.distill.teachers import images as image_teacher
+    from didistill.eval.fid import classifier_fid
     from didistill.train.loop import run_keys
 
-    fid_fn = image_teacher.make_feature_fid(config)
+    fid_fn = classifier_fid(config)
     if fid_fn is None:
         raise FileNotFoundError(
             f"the digits FID needs the classifier {config.eval.feature_checkpoint!r} "
@@ -138,7 +139,7 @@ def teacher_rows(config, nfes, num_samples: int, sigmas):
 
     heun = jax.jit(heun, static_argnums=2)
     one_step = jax.jit(lambda z, y, s: net.apply(variables, s * z, jnp.full(len(z), s), y))
-    data = image_teacher.load_train_arrays(config.data)
+    data = load_arrays(config.data)
     rows, grids = [], {}
 
     def add(name, samples, nfe):
@@ -195,7 +196,7 @@ def markdown(rows: list[dict], header: str) -> str:
 def save_grid(grids: dict[str, np.ndarray], path: str) -> str:
     """One row of GRID_COLUMNS images per model, in the order of `grids`, each pixel drawn as
     GRID_ZOOM x GRID_ZOOM (8x8 digits are too small to see otherwise)."""
-    from didistill.distill.teachers.images import save_image_grid
+    from didistill.eval.plots import save_image_grid
 
     images = np.concatenate([g[:GRID_COLUMNS] for g in grids.values()])  # [N, H, W, C]
     images = images.repeat(GRID_ZOOM, axis=1).repeat(GRID_ZOOM, axis=2)

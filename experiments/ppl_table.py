@@ -200,12 +200,12 @@ def main(argv=None) -> dict:
     divergences = [d for d in (args.sdtt_divergences or settings["divergences"]).split(",") if d]
     import jax
 
-    from didistill.distill.teachers.mdlm import load_teacher
+    from didistill.distill.teachers.mdlm import load_teacher_denoiser
 
     common.use_compilation_cache(args.workdir, args.jax_cache)
     start = time.perf_counter()
     teacher = teacher_path(args)
-    meta = load_teacher(teacher)[1]
+    meta = load_teacher_denoiser(teacher)[2]
     all_steps = (*steps, args.teacher_long)
 
     didi_steps = args.didi_steps or settings["didi_steps"]

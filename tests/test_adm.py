@@ -16,6 +16,7 @@ import pytest
 
 from didistill.nets import convert_edm
 from didistill.nets.adm import ADMDenoiser
+from didistill.nets.files import save_model
 from tests.test_convert_edm import (
     _conv2d,
     _group_norm,
@@ -42,7 +43,7 @@ CONFIG = dict(  # 16x16, levels 16 and 8, attention (4 heads of 8 channels) at 8
 
 
 def save_tiny_adm_teacher(path, resolution, label_dim, channel_mult=(1,), attn_resolutions=()):
-    """A random-weight ADM written by `save_unet` (no XLA compile); returns the path. Its
+    """A random-weight ADM saved as a network file (no XLA compile); returns the path. Its
     16-channel blocks get attention (heads of 8 channels) only when `attn_resolutions` is given;
     otherwise heads of EDM's 64 channels leave them none, the coarsest 'in0' block included."""
     cfg = dict(
@@ -57,7 +58,7 @@ def save_tiny_adm_teacher(path, resolution, label_dim, channel_mult=(1,), attn_r
     )
     net, shape = convert_edm.unet_from_config(cfg)
     variables = random_variables(convert_edm.param_template(net, shape))
-    return convert_edm.save_unet(str(path), variables, cfg)
+    return save_model(str(path), variables, cfg, "adm")
 
 
 @pytest.fixture(scope="module")

@@ -253,10 +253,10 @@ class TestFiles:
         assert isinstance(net, UNetDenoiser) and net.label_dim == 10 and net.channel_mult == (1, 2)
         assert meta["net"]["arch"] == "unet" and meta["source"] == "edm.npz"
         jax.tree.map(np.testing.assert_array_equal, loaded, variables)
-        from didistill.distill.teachers.toy import load_teacher  # the same file layout
+        from didistill.nets.files import load_model  # the one network-file format
 
-        params, teacher_meta = load_teacher(str(out))
-        assert teacher_meta == meta
+        module, params, file_meta = load_model(str(out), "unet")
+        assert file_meta == meta and isinstance(module, UNetDenoiser)
         jax.tree.map(np.testing.assert_array_equal, params, variables)
 
     def test_cli_reports_mismatch(self, setup, tmp_path):

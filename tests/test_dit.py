@@ -12,7 +12,7 @@ from didistill.data import text
 from didistill.diffusion import masked
 from didistill.distill.teachers import mdlm as mdlm_teacher
 from didistill.eval import text as text_eval
-from didistill.nets.dit import DiT, apply_rotary
+from didistill.nets.dit import DiT, apply_rotary, dit_from_config
 
 V, L = 6, 8
 SCHEDULE = masked.LogLinearSchedule()
@@ -145,7 +145,7 @@ class TestTeacher:
     def test_step_and_short_run_lowers_the_loss(self, smoke):
         config, method, step = smoke
         lang = text.get_language("markov_small")
-        net = mdlm_teacher.make_denoiser(dict(config.net, vocab_size=8, max_length=16))
+        net = dit_from_config(dict(config.net, vocab_size=8, max_length=16))
         held = [lang.sample(np.random.default_rng(99), 256, config.data.length)]
 
         def heldout(params):  # low-noise NELBO per token: 256 sequences x 4 (t, mask) draws
@@ -186,8 +186,8 @@ class TestTeacher:
 
     def test_load_errors(self, tmp_path):
         with pytest.raises(FileNotFoundError, match="synthetic_mdlm"):
-            mdlm_teacher.load_teacher(str(tmp_path / "none.msgpack"))
+            mdlm_teacher.load_teacher_denoiser(str(tmp_path / "none.msgpack"))
         bad = tmp_path / "bad.msgpack"
         bad.write_bytes(b"not msgpack")
         with pytest.raises(ValueError, match="not a readable MDLM teacher file"):
-            mdlm_teacher.load_teacher(str(bad))
+            mdlm_teacher.load_teacher_denoiser(str(bad))

@@ -68,7 +68,7 @@ def test_smoke_config_runs_two_steps(module, resolution, label_dim, tmp_path, mo
     default it has one U-Net level (compiling a deeper one costs minutes on a loaded CPU), so
     the head reads its only feature map; DIDISTILL_SLOW_TESTS=1 uses levels down to 8x8 (ADM
     with attention at 8x8) and the config's discriminator resolutions."""
-    from didistill.distill.teachers import images as image_teacher
+    from didistill.data import images
     from didistill.nets.convert_edm import load_unet
     from tests.test_adm import save_tiny_adm_teacher
     from tests.test_one_step_images import random_data, run_two_steps, save_tiny_teacher
@@ -81,7 +81,7 @@ def test_smoke_config_runs_two_steps(module, resolution, label_dim, tmp_path, mo
     else:
         teacher = save_tiny_teacher(path, resolution, 3, label_dim, channel_mult=mult)
     data = random_data((resolution, resolution, 3), label_dim)
-    monkeypatch.setattr(image_teacher, "load_train_arrays", lambda cfg, split="train": data)
+    monkeypatch.setattr(images, "load_arrays", lambda cfg, split="train": data)
     config = module.get_config("dmd2,smoke")
     config.teacher.checkpoint = teacher
     if not FULL:

@@ -73,17 +73,19 @@ def test_config_flags():
 
 
 def test_feature_fid_with_a_digits_classifier(trained, tmp_path):
-    from didistill.distill.kd import save_classifier
+    from didistill.data.images import load_arrays
+    from didistill.eval.fid import classifier_fid
     from didistill.nets.classifier import make_classifier
+    from didistill.nets.files import save_model
 
     config = trained[0].copy_and_resolve_references()
-    assert image_teacher.make_feature_fid(config) is None  # smoke: no feature checkpoint
+    assert classifier_fid(config) is None  # smoke: no feature checkpoint
     net_cfg = {"kind": "mlp", "widths": [16], "num_classes": 10}
     params = make_classifier(net_cfg).init(jax.random.key(0, **RBG), jnp.zeros((1, 8, 8, 1)))
-    config.eval.feature_checkpoint = save_classifier(
-        str(tmp_path / "clf.msgpack"), params, {"net": net_cfg}
+    config.eval.feature_checkpoint = save_model(
+        str(tmp_path / "clf.msgpack"), params, net_cfg, "classifier"
     )
-    fid_fn = image_teacher.make_feature_fid(config)
-    test_images = image_teacher.load_train_arrays(config.data, "test")["image"]
+    fid_fn = classifier_fid(config)
+    test_images = load_arrays(config.data, "test")["image"]
     assert abs(fid_fn(test_images)) < 1e-3  # the reference against itself
     assert fid_fn(np.zeros_like(test_images)) > 1e-2

@@ -1,4 +1,4 @@
-"""Tests for didistill.distill.kd (methods 'classifier' and 'kd') and configs/digits_*.py."""
+"""Tests for the methods 'classifier' (distill.teachers.classifier) and 'kd' (distill.kd)."""
 
 import itertools
 import json
@@ -17,8 +17,13 @@ from scipy.spatial.distance import jensenshannon
 
 from configs import digits_classifier, digits_kd
 from didistill.distill import get_method, kd
+from didistill.distill.teachers.classifier import (
+    classification_metrics,
+    expected_calibration_error,
+    shifted_batches,
+)
 from didistill.divergences import names as f_names
-from didistill.nets.classifier import make_classifier
+from didistill.nets.classifier import CLASSIFIER_FILE, load_classifier
 from didistill.train.loop import train
 
 T = 2.0
@@ -135,59 +140,46 @@ class TestMetrics:
         labels = np.array([0, 0, 0, 1])
         # bins of width 1/15: the first two share bin 14 (0.867, 0.933]: acc 1/2, conf 0.89;
         # ECE = 2/4 |0.5 - 0.89| + 1/4 |1 - 0.62| + 1/4 |1 - 0.7| = 0.195 + 0.095 + 0.075
-        assert kd.expected_calibration_error(probs, labels) == pytest.approx(0.365)
+        assert expected_calibration_error(probs, labels) == pytest.approx(0.365)
         # one bin: |accuracy - mean confidence| = |0.75 - 0.775|
-        assert kd.expected_calibration_error(probs, labels, 1) == pytest.approx(0.025)
-        assert kd.expected_calibration_error(np.eye(3), np.arange(3)) == 0.0
+        assert expected_calibration_error(probs, labels, 1) == pytest.approx(0.025)
+        assert expected_calibration_error(np.eye(3), np.arange(3)) == 0.0
 
     def test_classification_metrics(self, logits):
         student, _ = logits
         labels = np.array([0, 1, 2, 3])
-        metrics = kd.classification_metrics(student, labels)
+        metrics = classification_metrics(student, labels)
         log_p = scipy.special.log_softmax(student.astype(np.float64), axis=-1)
         assert metrics["accuracy"] == np.mean(student.argmax(-1) == labels)
         assert metrics["nll"] == pytest.approx(-np.mean(log_p[np.arange(4), labels]), rel=1e-5)
         probs = np.exp(log_p)
-        assert metrics["ece"] == pytest.approx(kd.expected_calibration_error(probs, labels))
+        assert metrics["ece"] == pytest.approx(expected_calibration_error(probs, labels))
 
 
 class TestFilesAndData:
-    def test_roundtrip(self, tmp_path):
-        net = {"kind": "mlp", "widths": [3], "num_classes": 4}
-        module = make_classifier(net)
-        params = module.init(jax.random.key(0), jnp.zeros((1, 2, 2, 1)))
-        path = kd.save_classifier(str(tmp_path / "c.msgpack"), params, {"net": net, "x": 1})
-        loaded_module, loaded, meta = kd.load_classifier(path)
-        assert loaded_module == module and meta == {"net": net, "x": 1}
-        for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
-            np.testing.assert_array_equal(a, b)
-        assert not os.path.exists(path + ".tmp")
-        with pytest.raises(ValueError, match="'net'"):
-            kd.save_classifier(str(tmp_path / "d.msgpack"), params, {})
-
     def test_missing_and_corrupt(self, tmp_path):
         with pytest.raises(FileNotFoundError, match="configs/digits_classifier.py:teacher"):
-            kd.load_classifier(str(tmp_path / "nope.msgpack"))
+            load_classifier(str(tmp_path / "nope.msgpack"))
         (tmp_path / "bad.msgpack").write_bytes(b"\x00garbage\xff" * 5)
         with pytest.raises(ValueError, match="not a readable classifier file"):
-            kd.load_classifier(str(tmp_path / "bad.msgpack"))
+            load_classifier(str(tmp_path / "bad.msgpack"))
 
     def test_batches_resume_and_shift(self):
         image = -np.ones((1, 8, 8, 1), np.float32)
         image[0, 4, 4, 0] = 1.0  # one bright pixel, away from the border
         data = {"image": image, "label": np.array([7], np.int32)}
-        stream = kd.shifted_batches(data, 0, 64, max_shift=1)
+        stream = shifted_batches(data, 0, 64, max_shift=1)
         full = [b["image"] for b in itertools.islice(stream, 3)]
-        resumed = kd.shifted_batches(data, 0, 64, start_step=2, max_shift=1)
+        resumed = shifted_batches(data, 0, 64, start_step=2, max_shift=1)
         np.testing.assert_array_equal(next(resumed)["image"], full[2])
         bright = np.argwhere(np.concatenate(full)[..., 0] == 1.0)  # [N, 3]: (row, y, x)
         assert len(bright) == 3 * 64  # the pixel survives every shift
         assert {(y, x) for _, y, x in bright} == {
             (4 + a, 4 + b) for a in (-1, 0, 1) for b in (-1, 0, 1)
         }
-        plain = next(kd.shifted_batches(data, 0, 5, max_shift=0))["image"]
+        plain = next(shifted_batches(data, 0, 5, max_shift=0))["image"]
         np.testing.assert_array_equal(plain, np.repeat(image, 5, axis=0))
-        batch = next(kd.shifted_batches(data, 0, 5, max_shift=1))
+        batch = next(shifted_batches(data, 0, 5, max_shift=1))
         assert batch["image"].shape == (5, 8, 8, 1) and batch["image"].dtype == np.float32
         np.testing.assert_array_equal(batch["label"], 7)
 
@@ -219,7 +211,7 @@ def teacher_run(tmp_path_factory, data_dir):
 
 def _kd_config(arg, data_dir, teacher_run):
     config = _configure(digits_kd.get_config(arg), data_dir)
-    config.teacher.checkpoint = os.path.join(teacher_run[1], kd.CLASSIFIER_FILE)
+    config.teacher.checkpoint = os.path.join(teacher_run[1], CLASSIFIER_FILE)
     return config
 
 
@@ -232,7 +224,7 @@ class TestClassifierMethod:
             assert np.isfinite(results[key])
         with open(os.path.join(workdir, "eval.json")) as f:
             assert json.load(f)["step"] == 60
-        module, params, meta = kd.load_classifier(os.path.join(workdir, kd.CLASSIFIER_FILE))
+        module, params, meta = load_classifier(os.path.join(workdir, CLASSIFIER_FILE))
         assert meta["net"]["widths"] == list(config.net.widths)
         assert meta["eval"]["test/accuracy"] == results["test/accuracy"]
         ema = result["state"].ema_params
@@ -272,7 +264,7 @@ class TestKDMethod:
         assert after["test/teacher_agreement"] > before["test/teacher_agreement"] + 0.2
         teacher_accuracy = teacher_run[2]["eval"]["test/accuracy"]
         assert after["teacher/test_accuracy"] == pytest.approx(teacher_accuracy)
-        assert not os.path.exists(tmp_path / "run" / kd.CLASSIFIER_FILE)  # students: no file
+        assert not os.path.exists(tmp_path / "run" / CLASSIFIER_FILE)  # students: no file
 
 
 class TestConfigs:
@@ -357,7 +349,7 @@ class TestKDTable:
         assert os.path.getsize(kd_table.plot(rows, str(tmp_path / "t.png"))) > 0
 
     def test_end_to_end(self, kd_table, data_dir, teacher_run, tmp_path):
-        teacher = os.path.join(teacher_run[1], kd.CLASSIFIER_FILE)
+        teacher = os.path.join(teacher_run[1], CLASSIFIER_FILE)
         argv = ["--workdir", str(tmp_path), "--divergences", "reverse_kl", "--seeds", "1"]
         argv += ["--steps", "8", "--teacher", teacher, "--data_dir", data_dir, "--jax_cache", ""]
         # A subprocess, as users run it: the script sets JAX-wide options and runs many engine

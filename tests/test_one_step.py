@@ -15,6 +15,7 @@ from configs import toy2d, toy_teacher
 from didistill.data import toy
 from didistill.distill import get_method
 from didistill.distill.one_step import method as one_step
+from didistill.distill.one_step import table
 from didistill.train.loop import train
 
 ASSET = os.path.join(os.path.dirname(__file__), "..", "assets", "toy", "ring8_teacher.msgpack")
@@ -37,9 +38,24 @@ def _smoke_config(arg, teacher_path):
     return config
 
 
-@pytest.mark.parametrize(
-    "arg", ["jensen_shannon", "dmd2", "diff_instruct", "sid", "uni_instruct,forward_kl"]
-)
+def test_every_list_of_method_names_comes_from_the_table():
+    from configs import one_step_common
+    from didistill import distill
+
+    one_step_names = [n for n, t in distill.METHODS.items() if t.startswith(one_step.__name__)]
+    assert one_step_names == list(table.METHODS) == list(one_step_common.METHODS)
+    for name, row in table.METHODS.items():
+        config = toy2d.get_config(name)
+        assert config.method == name and (config.distill.gan_weight > 0) == row.gan
+        assert (config.distill.time_weight, config.distill.alpha) == (row.time_weight, row.alpha)
+        if row.divergence is not None:
+            assert config.distill.divergence == row.divergence
+            config.distill.divergence = "forward_kl"
+            with pytest.raises(ValueError, match=f"defined with {row.divergence}"):
+                one_step.validate(config)
+
+
+@pytest.mark.parametrize("arg", [*table.METHODS, "uni_instruct,forward_kl"])
 def test_every_method_steps_under_jit(arg, tiny_teacher):
     config = _smoke_config(arg, tiny_teacher)
     method = get_method(config)

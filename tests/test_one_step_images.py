@@ -1,5 +1,5 @@
 """One-step distillation on images: every method steps under jit with a tiny random U-Net
-teacher (saved with `save_unet`), conditional and unconditional, on random data."""
+teacher (a network file), conditional and unconditional, on random data."""
 
 import jax
 import jax.numpy as jnp
@@ -7,15 +7,16 @@ import numpy as np
 import pytest
 
 from configs import digits_distill
+from didistill.data import images
 from didistill.distill import get_method
-from didistill.distill.teachers import images as image_teacher
-from didistill.nets.convert_edm import save_unet, unet_from_config
+from didistill.nets.convert_edm import unet_from_config
+from didistill.nets.files import save_model
 
 RBG = dict(impl="unsafe_rbg")  # cheap to compile on CPU
 
 
 def save_tiny_teacher(path, resolution=8, channels=1, label_dim=0, channel_mult=(1,)):
-    """A random-weight U-Net written by `save_unet`; returns the path."""
+    """A random-weight U-Net saved as a network file; returns the path."""
     cfg = dict(
         model_channels=8,
         channel_mult=list(channel_mult),
@@ -35,7 +36,7 @@ def save_tiny_teacher(path, resolution=8, channels=1, label_dim=0, channel_mult=
     variables = jax.tree.map(
         lambda v: v + 0.05 * jnp.sign(jnp.sin(jnp.arange(v.size))).reshape(v.shape), variables
     )
-    return save_unet(str(path), variables, cfg)
+    return save_model(str(path), variables, cfg, "unet")
 
 
 def random_data(shape, num_classes):
@@ -48,9 +49,7 @@ def random_data(shape, num_classes):
 def fake_data(monkeypatch):
     """Replaces the dataset with random arrays of the teacher's shape (set by the test)."""
     holder = {}
-    monkeypatch.setattr(
-        image_teacher, "load_train_arrays", lambda data_cfg, split="train": holder["data"]
-    )
+    monkeypatch.setattr(images, "load_arrays", lambda data_cfg, split="train": holder["data"])
     return holder
 
 

@@ -1,4 +1,4 @@
-"""Tests for didistill.distill.teachers.toy (method 'edm_teacher') and configs/toy_teacher.py."""
+"""Tests for didistill.distill.teachers.toy (method 'toy_teacher') and configs/toy_teacher.py."""
 
 import itertools
 import os
@@ -11,6 +11,7 @@ import pytest
 from configs import toy_teacher
 from didistill.data import toy
 from didistill.distill.teachers import toy as teacher
+from didistill.nets.mlp import denoiser_from_config
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def run_steps(method, step, num_steps):
 class TestConfig:
     def test_arguments(self):
         config = toy_teacher.get_config("grid25")
-        assert config.method == "edm_teacher" and config.data.toy == "grid25"
+        assert config.method == "toy_teacher" and config.data.toy == "grid25"
         assert config.eval.nfe == 35 and config.train.num_steps >= 1000
         std = toy.data_std(toy.get_toy("grid25"))
         assert config.net.sigma_data == pytest.approx(float(np.sqrt(np.mean(std**2))))
@@ -85,45 +86,15 @@ class TestMethod:
         assert results["exact_heun/mode_coverage"] == 1.0  # the exact denoiser at 35 NFE
         assert results["exact_heun/outlier_fraction"] < 0.02
         assert os.path.getsize(tmp_path / "samples.png") > 0
-        params, meta = teacher.load_teacher(str(tmp_path / teacher.TEACHER_FILE))
+        net, params, meta = teacher.load_teacher_denoiser(str(tmp_path / teacher.TEACHER_FILE))
         assert meta["toy"] == "ring8" and meta["net"]["width"] == config.net.width
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.ema_params), strict=True):
             np.testing.assert_array_equal(a, b)
-        net, params, _ = teacher.load_teacher_denoiser(str(tmp_path / teacher.TEACHER_FILE))
         x = jnp.ones((3, 2))
         np.testing.assert_array_equal(
             net.apply(params, x, 0.5),
-            teacher.make_denoiser(config.net).apply(state.ema_params, x, 0.5),
+            denoiser_from_config(config.net).apply(state.ema_params, x, 0.5),
         )
-
-
-class TestTeacherFile:
-    def test_roundtrip(self, tmp_path):
-        params = {"params": {"w": np.arange(6.0, dtype=np.float32).reshape(2, 3)}}
-        path = teacher.save_teacher(str(tmp_path / "t.msgpack"), params, {"toy": "moons", "n": 3})
-        loaded, meta = teacher.load_teacher(path)
-        np.testing.assert_array_equal(loaded["params"]["w"], params["params"]["w"])
-        assert meta == {"toy": "moons", "n": 3}
-        assert not os.path.exists(path + ".tmp")
-
-    def test_missing(self, tmp_path):
-        with pytest.raises(FileNotFoundError, match="configs/toy_teacher.py"):
-            teacher.load_teacher(str(tmp_path / "nope.msgpack"))
-
-    @pytest.mark.parametrize("content", [b"\x00garbage\xff" * 10, b""])
-    def test_corrupt(self, tmp_path, content):
-        path = tmp_path / "bad.msgpack"
-        path.write_bytes(content)
-        with pytest.raises(ValueError, match="not a readable teacher file"):
-            teacher.load_teacher(str(path))
-
-    def test_wrong_format(self, tmp_path):
-        import flax.serialization
-
-        path = tmp_path / "other.msgpack"
-        path.write_bytes(flax.serialization.msgpack_serialize({"params": {"w": np.zeros(2)}}))
-        with pytest.raises(ValueError, match="format tag"):
-            teacher.load_teacher(str(path))
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,8 @@
 import jax
 import jax.numpy as jnp
 
-from didistill.distill.teachers.mdlm import make_denoiser, save_teacher
+from didistill.nets.dit import dit_from_config
+from didistill.nets.files import save_model
 
 LANGUAGE, LENGTH = "markov_tiny", 8
 
@@ -12,12 +13,13 @@ def save_tiny_teacher(directory, depth: int) -> str:
     """Writes a random DiT teacher for markov_tiny (V = 4, L = 8) of `depth` blocks, its weights
     perturbed by 0.3 N(0, 1) so its predictions are not uniform; returns the file's path."""
     net_cfg = dict(vocab_size=4, max_length=LENGTH, width=16, depth=depth, num_heads=2, cond_dim=8)
-    net = make_denoiser(net_cfg)
+    net = dit_from_config(net_cfg)
     params = net.init(jax.random.key(0), jnp.full((1, LENGTH), 4, jnp.int32), jnp.ones((1,)))
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     leaves = [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
-    meta = {"data": {"language": LANGUAGE, "length": LENGTH}, "net": net_cfg,
-            "diffusion": {"schedule": "loglinear", "eps": 1e-3}}  # fmt: skip
-    path = directory / "teacher_params.msgpack"
-    return save_teacher(str(path), jax.tree.unflatten(tree, leaves), meta)
+    path = str(directory / "teacher_params.msgpack")
+    data = {"language": LANGUAGE, "length": LENGTH}
+    diffusion = {"schedule": "loglinear", "eps": 1e-3}
+    params = jax.tree.unflatten(tree, leaves)
+    return save_model(path, params, net_cfg, "dit", data=data, diffusion=diffusion)

@@ -37,6 +37,7 @@ resumed run sees exactly the batches of an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -279,6 +280,27 @@ def load_images(name: str, split: str, data_dir: str, resolution: int | None = N
             + _prepare_hint(tfds_name, data_dir)
         ) from err
     return ImageSource(key, split, source, max_value, num_classes, resolution)
+
+
+def resolve_data_dir(data_dir: str) -> str:
+    """`data_dir`, or $TFDS_DATA_DIR, or ~/tensorflow_datasets (tfds' own default), expanded."""
+    return os.path.expanduser(
+        data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_source(name: str, split: str, data_dir: str, resolution: int | None):
+    return load_images(name, split, resolve_data_dir(data_dir), resolution)
+
+
+def load_arrays(data_cfg, split: str = "train", max_in_memory: int = 100_000):
+    """One split of `config.data` (keys name, data_dir, resolution), cached per process:
+    {'image': [N, H, W, C], 'label': [N]} in memory when it has at most `max_in_memory`
+    examples, else the `ImageSource` (random access, for ImageNet)."""
+    resolution = data_cfg.get("resolution") if hasattr(data_cfg, "get") else None
+    source = _cached_source(data_cfg.name, split, data_cfg.data_dir, resolution)
+    return source.to_arrays() if source.num_examples <= max_in_memory else source
 
 
 def image_batches(

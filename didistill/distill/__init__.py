@@ -4,27 +4,27 @@
 "package.module:factory" to any importable factory (handy for experiments and tests). The
 factory is called as `factory(config)` and returns a `didistill.train.method.Method`; it
 raises `ValueError` for bad method-specific config values, which `main` reports as a usage
-error. Modules are imported only when their method is asked for.
+error. Method modules are imported only when their method is asked for; the one-step names
+come from the one table of one-step methods (`one_step.table`).
 """
 
 from __future__ import annotations
 
 import importlib
 
+from didistill.distill.one_step.table import METHODS as ONE_STEP_METHODS
 from didistill.train.method import Method
 
 # name -> "package.module:factory"
 METHODS: dict[str, str] = {
-    "edm_teacher": "didistill.distill.teachers.toy:make_method",
+    "toy_teacher": "didistill.distill.teachers.toy:make_method",
+    "image_teacher": "didistill.distill.teachers.images:make_method",
     "mdlm_teacher": "didistill.distill.teachers.mdlm:make_method",
     "didi_instruct": "didistill.distill.discrete.didi:make_method",
     "step_halving": "didistill.distill.discrete.step_halving:make_method",
-    "classifier": "didistill.distill.kd:make_classifier_method",
+    "classifier": "didistill.distill.teachers.classifier:make_classifier_method",
     "kd": "didistill.distill.kd:make_kd_method",
-    **{
-        name: "didistill.distill.one_step.method:make_method"
-        for name in ("f_distill", "dmd2", "diff_instruct", "sid", "uni_instruct")
-    },
+    **{name: "didistill.distill.one_step.method:make_method" for name in ONE_STEP_METHODS},
 }
 
 

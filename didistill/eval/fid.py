@@ -298,3 +298,30 @@ def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
         )
     mu, sigma = arrays["mu"], arrays["sigma"]
     return _check_stats(np.asarray(mu, np.float64), np.asarray(sigma, np.float64), path)
+
+
+def classifier_fid(config) -> Callable[[Any], float] | None:
+    """`fid(samples [N, H, W, C]) -> float` in a classifier's feature space, or None.
+
+    Features: the penultimate layer of the classifier file at `config.eval.feature_checkpoint`
+    (`didistill.nets.classifier.load_classifier`); reference: the test split of `config.data`
+    ('validation' for ImageNet). Samples are clipped to [-1, 1] first (the range of images, as
+    standard FID code reads PNGs). None when no file is configured or it is missing. Not
+    comparable with Inception FIDs.
+    """
+    path = config.eval.get("feature_checkpoint", "")
+    if not path or not os.path.isfile(path):
+        return None
+    from didistill.data.images import load_arrays
+    from didistill.nets.classifier import load_classifier
+
+    module, params, _ = load_classifier(path)
+    feature_fn = lambda x: module.apply(params, x, features=True)[1]  # [B, F]
+    test_split = "validation" if config.data.name == "imagenet64" else "test"
+    reference = load_arrays(config.data, test_split)
+    ref_images = (reference if isinstance(reference, dict) else reference.to_arrays())["image"]
+    chunks = [ref_images[s : s + 500] for s in range(0, len(ref_images), 500)]
+    ref_stats = compute_stats(feature_fn, chunks)
+    return lambda samples: fid(
+        feature_fn, np.clip(np.asarray(samples), -1.0, 1.0), ref_stats, batch_size=500
+    )

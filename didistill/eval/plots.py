@@ -90,6 +90,26 @@ def save_sample_grid(
     return _save(fig, path)
 
 
+def save_image_grid(images, path: str, num_columns: int | None = None) -> str:
+    """Writes images [N, H, W, C] in [-1, 1] (C = 1 or 3) as one PNG grid, 1-pixel gaps."""
+    from PIL import Image
+
+    x = np.clip((np.asarray(images, np.float32) + 1.0) * 127.5, 0, 255).astype(np.uint8)
+    n, h, w, c = x.shape
+    cols = num_columns or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    grid = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, c), 255, np.uint8)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + q * (w + 1) : 1 + q * (w + 1) + w] = x[i]
+    scale = max(1, 256 // max(grid.shape[:2]))  # small images (8x8 digits) are upscaled
+    grid = grid.repeat(scale, 0).repeat(scale, 1)
+    image = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    image.save(path)
+    return path
+
+
 def save_bar_plot(
     values: Mapping[str, float], path: str, title: str = "", ylabel: str = "", log: bool = False
 ) -> str:

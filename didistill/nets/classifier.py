@@ -101,4 +101,26 @@ def num_params(params) -> int:
     return int(sum(x.size for x in jax.tree.leaves(params)))
 
 
-__all__ = ["KINDS", "Classifier", "make_classifier", "num_params"]
+CLASSIFIER_FILE = "classifier_params.msgpack"
+_HOW_TO_TRAIN = (
+    "Train one with: python -m didistill.main --config=configs/digits_classifier.py:teacher "
+    f"--workdir=DIR (it writes DIR/{CLASSIFIER_FILE})."
+)
+
+
+def load_classifier(path: str) -> tuple[Classifier, Any, dict[str, Any]]:
+    """(module, params, meta) of a classifier file (`didistill.nets.files`):
+    logits = module.apply(params, images). FileNotFoundError / ValueError say what to do."""
+    from didistill.nets.files import load_model
+
+    return load_model(path, "classifier", "classifier", _HOW_TO_TRAIN)
+
+
+__all__ = [
+    "CLASSIFIER_FILE",
+    "KINDS",
+    "Classifier",
+    "load_classifier",
+    "make_classifier",
+    "num_params",
+]

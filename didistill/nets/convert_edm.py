@@ -34,10 +34,9 @@ Name and layout mapping (state dict <-> Flax, see `didistill.nets.unet` and `.ad
 plus the buffers `model.*.conv0.resample_filter` / `model.*.skip.resample_filter`
 ([1, 1, 2, 2], all 1/4, the [1, 1] filter of both DDPM++ and ADM) of up/down blocks, which
 carry no parameter and are checked, then dropped (ADM's up/down skips are only that filter: no
-`skip.weight`). The written file has the layout of `didistill.distill.teachers.toy.save_teacher`
-(format 'didistill.teacher/1'), with meta['net'] = the network config including
-meta['net']['arch'] ('unet' or 'adm'), so `load_teacher` reads it and `load_unet` rebuilds
-the network.
+`skip.weight`). The written file is a network file (`didistill.nets.files.save_model`) with
+meta['net'] = the network config including meta['net']['arch'] ('unet' or 'adm'), so
+`load_unet` (or `files.load_model`) rebuilds the network.
 """
 
 from __future__ import annotations
@@ -48,16 +47,15 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
 from didistill.nets.adm import ADMDenoiser
+from didistill.nets.files import load_model, save_model
 from didistill.nets.unet import UNetDenoiser
 
-FORMAT = "didistill.teacher/1"  # same file layout as didistill.distill.teachers.toy.save_teacher
 RESAMPLE_FILTER = np.full((1, 1, 2, 2), 0.25, np.float32)  # EDM's [1, 1] filter, normalised
 
 _EDM_CIFAR10 = dict(
@@ -228,31 +226,10 @@ def convert_npz(npz_path: str, config: Mapping[str, Any]) -> tuple[Denoiser, dic
     return net, convert_state_dict(state_dict, param_template(net, image_shape))
 
 
-def save_unet(path: str, variables, config: Mapping[str, Any], source: str = "") -> str:
-    """Writes variables and meta {'net': config with its arch ('unet' by default), 'source'}
-    atomically."""
-    meta = {"net": dict(config, arch=_arch(config)), "source": source}
-    payload = {
-        "format": FORMAT,
-        "meta": json.dumps(meta, sort_keys=True),
-        "params": flax.serialization.to_state_dict(jax.device_get(variables)),
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(f"{path}.tmp", "wb") as f:
-        f.write(flax.serialization.msgpack_serialize(payload))
-    os.replace(f"{path}.tmp", path)
-    return path
-
-
 def load_unet(path: str) -> tuple[Denoiser, dict, dict]:
-    """(net, variables, meta) from a file written by `save_unet`."""
-    with open(path, "rb") as f:
-        payload = flax.serialization.msgpack_restore(f.read())
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT!r} file")
-    meta = json.loads(payload["meta"])
-    net, _ = unet_from_config(meta["net"])
-    return net, jax.tree.map(jnp.asarray, payload["params"]), meta
+    """(net, variables, meta) of a U-Net network file (`didistill.nets.files`, arch 'unet' or
+    'adm')."""
+    return load_model(path, tuple(ARCHS), "EDM U-Net", "Convert one with this module.")
 
 
 def _read_config(text: str) -> dict[str, Any]:
@@ -276,7 +253,7 @@ def main(argv=None) -> None:
         epilog="Make the .npz with EDM's code: see this module's docstring.",
     )
     parser.add_argument("npz", help="state dict saved with np.savez (EDM names and layouts)")
-    parser.add_argument("out", help="output .msgpack (didistill.teacher/1 layout)")
+    parser.add_argument("out", help="output .msgpack (a didistill network file)")
     parser.add_argument("--config", required=True, help=f"preset {sorted(PRESETS)}, JSON, or file")
     args = parser.parse_args(argv)
     config = _read_config(args.config)
@@ -284,7 +261,7 @@ def main(argv=None) -> None:
         _, variables = convert_npz(args.npz, config)
     except StateDictError as err:
         raise SystemExit(f"{args.npz}: {err}") from err
-    save_unet(args.out, variables, config, source=os.path.basename(args.npz))
+    save_model(args.out, variables, config, _arch(config), source=os.path.basename(args.npz))
     count = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(variables))
     print(f"wrote {args.out}: {count:,} parameters")
 

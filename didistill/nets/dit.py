@@ -26,6 +26,8 @@ denoiser does not depend on t (MDLM; Ou et al. 2024), and the cached sampler rel
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -201,4 +203,28 @@ def num_params(params) -> int:
     return sum(int(p.size) for p in jax.tree.leaves(params))
 
 
-__all__ = ["DiT", "DiTBlock", "apply_rotary", "num_params", "rotary_angles", "timestep_embedding"]
+def dit_from_config(net_cfg: Mapping[str, Any]) -> DiT:
+    """The DiT of a net block that holds vocab_size and max_length too (a teacher's meta)."""
+    return DiT(
+        vocab_size=int(net_cfg["vocab_size"]),
+        max_length=int(net_cfg["max_length"]),
+        width=int(net_cfg["width"]),
+        depth=int(net_cfg["depth"]),
+        num_heads=int(net_cfg["num_heads"]),
+        mlp_ratio=int(net_cfg.get("mlp_ratio", 4)),
+        dropout=float(net_cfg.get("dropout", 0.0)),
+        time_conditioning=bool(net_cfg.get("time_conditioning", False)),
+        cond_dim=int(net_cfg.get("cond_dim", 128)),
+        dtype=jnp.dtype(net_cfg.get("dtype", "float32")),
+    )
+
+
+__all__ = [
+    "dit_from_config",
+    "DiT",
+    "DiTBlock",
+    "apply_rotary",
+    "num_params",
+    "rotary_angles",
+    "timestep_embedding",
+]

@@ -15,6 +15,8 @@ The input dimension is read from the data; the output of F has the same dimensio
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -108,4 +110,20 @@ class MLPHead(nn.Module):
         return nn.Dense(1)(h)[..., 0]  # [B]
 
 
-__all__ = ["MLPDenoiser", "MLPHead", "ResidualBlock", "sinusoidal_embedding"]
+def denoiser_from_config(net_cfg: Mapping[str, Any]) -> MLPDenoiser:
+    """The denoiser of a `config.net` block or of the 'net' entry of a network file's meta."""
+    return MLPDenoiser(
+        width=int(net_cfg["width"]),
+        depth=int(net_cfg["depth"]),
+        emb_dim=int(net_cfg["emb_dim"]),
+        sigma_data=float(net_cfg["sigma_data"]),
+    )
+
+
+__all__ = [
+    "denoiser_from_config",
+    "MLPDenoiser",
+    "MLPHead",
+    "ResidualBlock",
+    "sinusoidal_embedding",
+]

@@ -34,27 +34,29 @@ def save_params(path: str, params, meta: Mapping[str, Any], format_tag: str) -> 
 
 
 def load_params(
-    path: str, format_tag: str, what: str, how_to_create: str
-) -> tuple[Any, dict[str, Any]]:
-    """(params as jnp arrays, meta) of a file written by `save_params` with `format_tag`.
+    path: str, format_tag: str | tuple[str, ...], what: str, how_to_create: str
+) -> tuple[Any, dict[str, Any], str]:
+    """(params as jnp arrays, meta, tag) of a file written by `save_params` with `format_tag`
+    (or one of several tags).
 
     Raises FileNotFoundError when `path` is missing and ValueError when it is unreadable or of
     another format; both messages name `what` the file holds and end with `how_to_create`.
     """
+    tags = (format_tag,) if isinstance(format_tag, str) else tuple(format_tag)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {what} params at {path}. {how_to_create}")
     try:
         with open(path, "rb") as f:
             payload = flax.serialization.msgpack_restore(f.read())
-        if not isinstance(payload, dict) or payload.get("format") != format_tag:
-            raise ValueError(f"missing the {format_tag!r} format tag")
+        if not isinstance(payload, dict) or payload.get("format") not in tags:
+            raise ValueError(f"missing the {tags[0]!r} format tag")
         meta = json.loads(payload["meta"])
         params = jax.tree.map(jnp.asarray, payload["params"])
     except Exception as err:  # msgpack, json and key errors all mean the same to the user
         raise ValueError(
             f"{path} is not a readable {what} file ({type(err).__name__}: {err}). {how_to_create}"
         ) from err
-    return params, meta
+    return params, meta, payload["format"]
 
 
 __all__ = ["load_params", "save_params"]

@@ -4,8 +4,8 @@
 `config.data.kind = 'images'`; configs `digits_distill.py`, `cifar10_distill.py`,
 `imagenet64_distill.py`):
 
-- teacher: the frozen `UNetDenoiser` of `config.teacher.checkpoint`, a `convert_edm.save_unet`
-  file (a converted EDM DDPM++ network, or a teacher of `configs/digits_teacher.py`);
+- teacher: the frozen U-Net of `config.teacher.checkpoint`, a network file (`nets.files`):
+  a converted EDM DDPM++ or ADM network, or a teacher of `configs/digits_teacher.py`;
 - generator: G(z, y) = D_theta(sigma_g z; sigma_g, y), z ~ N(0, I) [B, H, W, C], with
   sigma_g = `config.generator.sigma` (80 = sigma_max in DMD2 / FastGen, 2.5 in SiD /
   Uni-Instruct), initialised from the teacher (`generator.init = 'scratch'`: random);
@@ -21,7 +21,7 @@
   0..K-1) and `teacher_samples.png` (Heun at `config.eval.teacher_nfe`; 0 skips the teacher),
   with the pixel std of both; and, if `config.eval.feature_checkpoint`
   names an existing digits classifier, the feature FID of both against the test split
-  (`image_teacher.make_feature_fid`). There is no Inception FID here yet: CIFAR-10 and
+  (`didistill.eval.fid.classifier_fid`). There is no Inception FID here yet: CIFAR-10 and
   ImageNet-64 runs report no FID.
 There are no exact densities: `exact_*` are None.
 """
@@ -36,13 +36,13 @@ import numpy as np
 
 from didistill.diffusion import edm
 from didistill.distill.one_step.parts import OneStepParts
-from didistill.distill.teachers import images as image_teacher
+from didistill.eval import fid, plots
 from didistill.nets.convert_edm import load_unet
 from didistill.nets.unet import ConvHead
 
 
 def load_teacher_unet(path: str):
-    """(net, variables, image shape (H, W, C)) of a `save_unet` file, with a helpful error."""
+    """(net, variables, image shape (H, W, C)) of a U-Net network file, with a helpful error."""
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"config.teacher.checkpoint={path!r} does not exist. For digits train a teacher "
@@ -129,7 +129,7 @@ def build(config) -> OneStepParts:
 
         per_process = config.train.batch_size // jax.process_count()
         k = max(d.critic_steps, 1)
-        data = image_teacher.load_train_arrays(config.data)
+        data = images.load_arrays(config.data)
         _check_data(data, image_shape, num_classes)
         stream = images.image_batches(
             data, config.seed, per_process * k, start_step, jax.process_index()
@@ -163,7 +163,7 @@ def build(config) -> OneStepParts:
         results = {"student/nfe": 1}
         if teacher_nfe:
             results["teacher/nfe"] = edm.heun_nfe(heun_steps)
-        fid_fn = image_teacher.make_feature_fid(config)
+        fid_fn = fid.classifier_fid(config)
         for name, x in samples.items():
             results[f"{name}/pixel_std"] = float(x.std())
             if fid_fn is not None:
@@ -174,7 +174,7 @@ def build(config) -> OneStepParts:
             for name, file in (("student", "samples.png"), ("teacher", "teacher_samples.png")):
                 if name in samples:
                     grid = samples[name][: min(n, 10 * (cols or 10))]
-                    image_teacher.save_image_grid(grid, os.path.join(workdir, file), cols)
+                    plots.save_image_grid(grid, os.path.join(workdir, file), cols)
         return results
 
     grid = np.asarray(edm.karras_sigmas(d.num_sigmas, d.sigma_min, d.sigma_max))[: d.num_sigmas]

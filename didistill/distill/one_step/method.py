@@ -20,6 +20,8 @@ rule, DMD2 / f-distill), then one generator update with the method's loss (see
 | sid | SiD, gradients through the networks' inputs | (reverse KL) | no |
 | uni_instruct | h-weighted SiD + DI term from grad h | any registered | yes |
 
+The methods differ only in their row of `one_step.table.METHODS`.
+
 `distill.ratio = 'exact'` replaces the discriminator's ratio and the fake score by the exact
 noised densities of an affine Gaussian generator (`generator.kind = 'affine'`) and the exact
 toy teacher: an oracle for testing the estimators, not for real runs.
@@ -34,15 +36,11 @@ import jax
 import jax.numpy as jnp
 
 from didistill import divergences
-from didistill.distill.one_step import losses
+from didistill.distill.one_step import losses, table
 from didistill.distill.one_step.parts import OneStepParts
 from didistill.train.method import Method
 from didistill.train.optim import apply_gradients, ema_update, make_optimizer
 from didistill.train.sharding import shard_batch
-
-METHODS = ("f_distill", "dmd2", "diff_instruct", "sid", "uni_instruct")
-_REVERSE_KL_ONLY = ("dmd2", "diff_instruct", "sid")
-_USES_RATIO = ("f_distill", "uni_instruct")
 
 
 class OneStepState(flax.struct.PyTreeNode):
@@ -59,16 +57,16 @@ class OneStepState(flax.struct.PyTreeNode):
 def validate(config) -> None:
     """Checks the method-level keys; raises ValueError naming the key and the valid choices."""
     d = config.distill
-    if config.method not in METHODS:
-        raise ValueError(f"config.method={config.method!r} is not one of {METHODS}")
+    spec = table.get(config.method)
     divergences.get(d.divergence, **dict(d.divergence_params))  # raises with the valid names
-    if config.method in _REVERSE_KL_ONLY and d.divergence != "reverse_kl":
+    if spec.divergence is not None and d.divergence != spec.divergence:
+        any_divergence = [name for name, row in table.METHODS.items() if row.uses_ratio]
         raise ValueError(
-            f"config.method={config.method!r} is defined with reverse_kl, got "
-            f"config.distill.divergence={d.divergence!r}; use method='f_distill' or "
-            "'uni_instruct' for other divergences"
+            f"config.method={config.method!r} is defined with {spec.divergence}, got "
+            f"config.distill.divergence={d.divergence!r}; use method={any_divergence} "
+            "for other divergences"
         )
-    if d.divergence == "total_variation" and config.method in _USES_RATIO:
+    if d.divergence == "total_variation" and spec.uses_ratio:
         raise ValueError("config.distill.divergence='total_variation' has no weight h(r)")
     if d.ratio not in ("discriminator", "exact"):
         raise ValueError(
@@ -106,6 +104,7 @@ def make_method(config) -> Method:
     validate(config)
     parts = build_parts(config)  # networks, teacher, data and evaluation
     d = config.distill
+    spec = table.get(config.method)
     divergence = divergences.get(d.divergence, **dict(d.divergence_params))
     opt_g = make_optimizer(config.optim_generator)
     opt_f = make_optimizer(config.optim_fake_score)
@@ -194,24 +193,7 @@ def make_method(config) -> Method:
             log_r, ratio_bins = losses.bin_normalize_log_ratio(
                 log_r, bins, d.num_bins, state.ratio_bins, d.ratio_ema_rate
             )
-        if config.method == "sid":
-            main = losses.sid_generator_loss(x0, d_teacher, d_fake, d.alpha, d.time_weight)
-        elif config.method == "uni_instruct":
-            main = losses.uni_instruct_generator_loss(
-                x0,
-                sigma,
-                d_teacher,
-                d_fake,
-                log_r,
-                divergence,
-                d.alpha,
-                d.normalize_weights,
-                d.time_weight,
-            )
-        else:
-            main = losses.f_distill_generator_loss(
-                x0, d_teacher, d_fake, log_r, divergence, d.normalize_weights, d.time_weight
-            )
+        main = spec.generator_loss(x0, sigma, d_teacher, d_fake, log_r, divergence, d)
         use_gan = d.gan_weight > 0 and logit is not None
         gan = losses.generator_gan_loss(logit) if use_gan else jnp.zeros(())
         total = main + d.gan_weight * gan
@@ -267,4 +249,4 @@ def make_method(config) -> Method:
     )
 
 
-__all__ = ["METHODS", "OneStepState", "build_parts", "make_method", "validate"]
+__all__ = ["OneStepState", "build_parts", "make_method", "validate"]

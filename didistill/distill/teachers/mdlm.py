@@ -20,7 +20,7 @@ NaN); the same for real held-out data (`data/...`); the held-out NELBO
 (`heldout/nelbo_per_token`) against the source's exact per-token entropy of length-L
 sequences (`source/entropy_per_token`; their difference is `heldout/nelbo_gap`, >= 0 up to
 Monte Carlo noise and the O(eps) schedule bias); and saves the EMA params to
-`<workdir>/teacher_params.msgpack` (`save_teacher` / `load_teacher_denoiser`).
+`<workdir>/teacher_params.msgpack` (`didistill.nets.files.save_model` / `load_teacher_denoiser`).
 """
 
 from __future__ import annotations
@@ -31,51 +31,23 @@ import itertools
 import logging
 import math
 import os
-from collections.abc import Mapping
 from typing import Any
 
-import flax.serialization
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from didistill.data import text
 from didistill.diffusion import masked
+from didistill.distill.teachers.supervised import supervised_method
 from didistill.eval import text as text_eval
-from didistill.nets.dit import DiT
+from didistill.nets.dit import DiT, dit_from_config
+from didistill.nets.files import load_model, save_model
 from didistill.train.method import Method
-from didistill.train.optim import apply_gradients, ema_update, make_optimizer
-from didistill.train.params_io import load_params, save_params
 
 TEACHER_FILE = "teacher_params.msgpack"
-_FORMAT = "didistill.mdlm_teacher/1"
 HELDOUT_SHARD = 2**31 - 1  # the rng tag of held-out data; no process index reaches it
 logger = logging.getLogger(__name__)
-
-
-@flax.struct.dataclass
-class MDLMTeacherState:
-    params: Any
-    opt_state: Any
-    ema_params: Any
-
-
-def make_denoiser(net_cfg: Mapping[str, Any]) -> DiT:
-    """The DiT from a net block holding vocab_size and max_length too (the teacher's meta)."""
-    return DiT(
-        vocab_size=int(net_cfg["vocab_size"]),
-        max_length=int(net_cfg["max_length"]),
-        width=int(net_cfg["width"]),
-        depth=int(net_cfg["depth"]),
-        num_heads=int(net_cfg["num_heads"]),
-        mlp_ratio=int(net_cfg.get("mlp_ratio", 4)),
-        dropout=float(net_cfg.get("dropout", 0.0)),
-        time_conditioning=bool(net_cfg.get("time_conditioning", False)),
-        cond_dim=int(net_cfg.get("cond_dim", 128)),
-        dtype=jnp.dtype(net_cfg.get("dtype", "float32")),
-    )
 
 
 def logits_fn_of(net: DiT, params) -> masked.LogitsFn:
@@ -89,20 +61,9 @@ _HOW_TO_CREATE = (
 )
 
 
-def save_teacher(path: str, params, meta: Mapping[str, Any]) -> str:
-    """Writes teacher params and JSON-serialisable meta to one file, atomically."""
-    return save_params(path, params, meta, _FORMAT)
-
-
-def load_teacher(path: str) -> tuple[Any, dict[str, Any]]:
-    """(params, meta) of a file written by `save_teacher`; clear errors when missing/corrupt."""
-    return load_params(path, _FORMAT, "MDLM teacher", _HOW_TO_CREATE)
-
-
 def load_teacher_denoiser(path: str) -> tuple[DiT, Any, dict[str, Any]]:
     """(module, params, meta) of a saved teacher: logits = module.apply(params, z_t, t)."""
-    params, meta = load_teacher(path)
-    return make_denoiser(meta["net"]), params, meta
+    return load_model(path, "dit", "MDLM teacher", _HOW_TO_CREATE)
 
 
 def _data(config):
@@ -147,24 +108,18 @@ def make_method(config) -> Method:
     vocab_size, lang, train_batches, heldout_batches = _data(config)
     mask_id, length = vocab_size, config.data.length
     net_cfg = dict(config.net, vocab_size=vocab_size, max_length=length)
-    net = make_denoiser(net_cfg)
-    optimizer = make_optimizer(config.optim)
+    net = dit_from_config(net_cfg)
     dcfg, ecfg = config.diffusion, config.eval
     schedule = masked.get_schedule(dcfg.schedule, dcfg.eps)
-    global_batch = config.train.batch_size
-    if global_batch % jax.process_count():
-        raise ValueError(f"batch_size {global_batch} must divide by {jax.process_count()} hosts")
-    if not 0.0 <= config.ema_decay < 1.0:
-        raise ValueError(f"config.ema_decay={config.ema_decay} must be in [0, 1), e.g. 0.999")
     if ecfg.num_samples < 1 or not ecfg.sample_steps or min(ecfg.sample_steps) < 1:
         raise ValueError("config.eval needs num_samples >= 1 and sample_steps of ints >= 1")
     cache = not net.time_conditioning  # caching is exact only for a time-agnostic denoiser
 
-    def init(key):
-        params = net.init(key, jnp.full((1, length), mask_id, jnp.int32), jnp.ones((1,)))
-        return MDLMTeacherState(params, optimizer.init(params), params)
+    def init_params(key):
+        return net.init(key, jnp.full((1, length), mask_id, jnp.int32), jnp.ones((1,)))
 
-    def loss_fn(params, tokens, key):
+    def loss_fn(params, batch, key):
+        tokens = batch["tokens"]
         k_nelbo, k_drop = jax.random.split(key)
         fn = lambda xt, t: net.apply(params, xt, t, train=True, rngs={"dropout": k_drop})
         per_seq = masked.nelbo(
@@ -172,17 +127,6 @@ def make_method(config) -> Method:
             t_min=dcfg.t_min, low_discrepancy=dcfg.low_discrepancy,
         )  # fmt: skip
         return jnp.mean(per_seq) / length
-
-    def step(state, batch, key, step):
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch["tokens"], key)
-        params, opt_state = apply_gradients(optimizer, state.params, state.opt_state, grads)
-        decay = jnp.asarray(config.ema_decay, jnp.float32)
-        if config.get("ema_warmup", False):
-            t = jnp.asarray(step, jnp.float32)
-            decay = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
-        ema_params = ema_update(state.ema_params, params, decay)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "ema_decay": decay}
-        return MDLMTeacherState(params, opt_state, ema_params), metrics
 
     def sample(params, key, num_steps):
         dtype = jnp.float64 if ecfg.float64 else jnp.float32
@@ -233,31 +177,28 @@ def make_method(config) -> Method:
             results["source/gen_ppl"] = math.exp(entropy)
             results["heldout/nelbo_gap"] = results["heldout/nelbo_per_token"] - entropy
         if jax.process_index() == 0:
-            meta = {
-                "data": dict(config.data),
-                "net": net_cfg,
-                "diffusion": dict(dcfg),
-                "eval": {k: v for k, v in results.items() if not k.startswith("data/")},
-            }
-            save_teacher(os.path.join(workdir, TEACHER_FILE), ema_params, meta)
+            save_model(
+                os.path.join(workdir, TEACHER_FILE),
+                ema_params,
+                net_cfg,
+                "dit",
+                data=dict(config.data),
+                diffusion=dict(dcfg),
+                eval={k: v for k, v in results.items() if not k.startswith("data/")},
+            )
         return results
 
     def batches(start_step):
-        local = global_batch // jax.process_count()
+        local = config.train.batch_size // jax.process_count()
         return train_batches(start_step, local, jax.process_index())
 
-    return Method(
-        init=init, step=step, evaluate=evaluate, batches=batches, global_batch_size=global_batch
-    )
+    ema_warmup = bool(config.get("ema_warmup", False))
+    return supervised_method(config, init_params, loss_fn, evaluate, batches, ema_warmup=ema_warmup)
 
 
 __all__ = [
     "TEACHER_FILE",
-    "MDLMTeacherState",
-    "load_teacher",
     "load_teacher_denoiser",
     "logits_fn_of",
-    "make_denoiser",
     "make_method",
-    "save_teacher",
 ]

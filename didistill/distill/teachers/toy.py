@@ -14,51 +14,29 @@ the random initialisation within the first few hundred steps of a short run).
 `evaluate` draws `config.eval.num_samples` samples with the deterministic Heun sampler at
 `config.eval.nfe` (35 -> N = 18 steps) from the EMA teacher and, with the same latents, from the
 exact mixture denoiser; reports `toy_metrics` of both and of true samples; writes
-`samples.png`; and saves the EMA params to `teacher_params.msgpack` (see `save_teacher`).
+`samples.png`; and saves the EMA params to `teacher_params.msgpack` (`didistill.nets.files`).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Mapping
 from typing import Any
 
-import flax.serialization
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from didistill.data import toy
 from didistill.diffusion import edm
+from didistill.distill.teachers.supervised import supervised_method
 from didistill.eval import plots
 from didistill.eval.toy import toy_metrics
-from didistill.nets.mlp import MLPDenoiser
+from didistill.nets.files import load_model, save_model
+from didistill.nets.mlp import MLPDenoiser, denoiser_from_config
 from didistill.train.method import Method
-from didistill.train.optim import apply_gradients, ema_update, make_optimizer
-from didistill.train.params_io import load_params, save_params
 
 TEACHER_FILE = "teacher_params.msgpack"
-_FORMAT = "didistill.teacher/1"
-
-
-@flax.struct.dataclass
-class TeacherState:
-    params: Any
-    opt_state: Any
-    ema_params: Any
-
-
-def make_denoiser(net_cfg: Mapping[str, Any]) -> MLPDenoiser:
-    """The teacher network from a `config.net` block or the 'net' entry of a teacher's meta."""
-    return MLPDenoiser(
-        width=int(net_cfg["width"]),
-        depth=int(net_cfg["depth"]),
-        emb_dim=int(net_cfg["emb_dim"]),
-        sigma_data=float(net_cfg["sigma_data"]),
-    )
 
 
 _HOW_TO_CREATE = (
@@ -67,20 +45,9 @@ _HOW_TO_CREATE = (
 )
 
 
-def save_teacher(path: str, params, meta: Mapping[str, Any]) -> str:
-    """Writes teacher params and JSON-serialisable meta to one file, atomically."""
-    return save_params(path, params, meta, _FORMAT)
-
-
-def load_teacher(path: str) -> tuple[Any, dict[str, Any]]:
-    """(params, meta) of a file written by `save_teacher`; clear errors when missing/corrupt."""
-    return load_params(path, _FORMAT, "teacher", _HOW_TO_CREATE)
-
-
 def load_teacher_denoiser(path: str) -> tuple[MLPDenoiser, Any, dict[str, Any]]:
-    """(module, params, meta) of a saved teacher: D = module.apply(params, x, sigma)."""
-    params, meta = load_teacher(path)
-    return make_denoiser(meta["net"]), params, meta
+    """(module, params, meta) of a saved toy teacher: D = module.apply(params, x, sigma)."""
+    return load_model(path, "mlp_denoiser", "toy teacher", _HOW_TO_CREATE)
 
 
 def denoiser_weighted_mse(denoise, mixture, key, sigmas=(0.01, 0.1, 1.0, 10.0), n=2048):
@@ -113,49 +80,34 @@ def _write_outputs(workdir, samples, results, ema_params, config, mixture):
             titles[k]: plots.format_metrics({m: results[f"{k}/{m}"] for m in keys}) for k in samples
         },
     )
-    meta = {
-        "toy": config.data.toy,
-        "net": dict(config.net),
-        "edm": dict(config.edm),
-        "eval": {k: v for k, v in results.items() if k.startswith("teacher/")},
-    }
-    save_teacher(os.path.join(workdir, TEACHER_FILE), ema_params, meta)
+    save_model(
+        os.path.join(workdir, TEACHER_FILE),
+        ema_params,
+        config.net,
+        "mlp_denoiser",
+        toy=config.data.toy,
+        edm=dict(config.edm),
+        eval={k: v for k, v in results.items() if k.startswith("teacher/")},
+    )
 
 
 def make_method(config) -> Method:
-    """Builds the 'edm_teacher' method from a `configs/toy_teacher.py` config."""
+    """Builds the 'toy_teacher' method from a `configs/toy_teacher.py` config."""
     mixture = toy.get_toy(config.data.toy)
-    net = make_denoiser(config.net)
-    optimizer = make_optimizer(config.optim)
+    net = denoiser_from_config(config.net)
     num_heun_steps = edm.heun_steps_for_nfe(config.eval.nfe)
     edm_cfg = config.edm
-    global_batch = config.train.batch_size
-    if global_batch % jax.process_count():
-        raise ValueError(f"batch_size {global_batch} must divide by {jax.process_count()} hosts")
-    if not 0.0 <= config.ema_decay < 1.0:
-        raise ValueError(f"config.ema_decay={config.ema_decay} must be in [0, 1), e.g. 0.999")
     if config.eval.num_samples < 1:
         raise ValueError(f"config.eval.num_samples={config.eval.num_samples} must be >= 1")
-    ema_warmup = bool(config.get("ema_warmup", False))
 
-    def init(key):
-        params = net.init(key, jnp.zeros((1, mixture.dim)), jnp.ones((1,)))
-        return TeacherState(params=params, opt_state=optimizer.init(params), ema_params=params)
+    def init_params(key):
+        return net.init(key, jnp.zeros((1, mixture.dim)), jnp.ones((1,)))
 
-    def loss_fn(params, x0, key):
+    def loss_fn(params, batch, key):
         denoise = lambda x, sigma: net.apply(params, x, sigma)
-        return edm.denoising_loss(denoise, x0, key, net.sigma_data, edm_cfg.p_mean, edm_cfg.p_std)
-
-    def step(state, batch, key, step):
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch["x"], key)
-        params, opt_state = apply_gradients(optimizer, state.params, state.opt_state, grads)
-        decay = jnp.asarray(config.ema_decay, jnp.float32)
-        if ema_warmup:
-            t = jnp.asarray(step, jnp.float32)
-            decay = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
-        ema_params = ema_update(state.ema_params, params, decay)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "ema_decay": decay}
-        return TeacherState(params, opt_state, ema_params), metrics
+        return edm.denoising_loss(
+            denoise, batch["x"], key, net.sigma_data, edm_cfg.p_mean, edm_cfg.p_std
+        )
 
     @functools.partial(jax.jit, static_argnames="exact")
     def heun(params, latents, exact):
@@ -193,21 +145,16 @@ def make_method(config) -> Method:
         return results
 
     def batches(start_step):
-        local = global_batch // jax.process_count()
+        local = config.train.batch_size // jax.process_count()
         return toy.batches(mixture, config.seed, local, start_step, shard=jax.process_index())
 
-    return Method(
-        init=init, step=step, evaluate=evaluate, batches=batches, global_batch_size=global_batch
-    )
+    ema_warmup = bool(config.get("ema_warmup", False))
+    return supervised_method(config, init_params, loss_fn, evaluate, batches, ema_warmup=ema_warmup)
 
 
 __all__ = [
     "TEACHER_FILE",
-    "TeacherState",
     "denoiser_weighted_mse",
-    "load_teacher",
     "load_teacher_denoiser",
-    "make_denoiser",
     "make_method",
-    "save_teacher",
 ]

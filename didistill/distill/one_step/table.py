@@ -1,0 +1,93 @@
+"""The one table of one-step methods: every list of method names is derived from `METHODS`.
+
+A row says what distinguishes a method inside the shared engine (`one_step.method`):
+
+- `generator_loss(x0, sigma, d_teacher, d_fake, log_r, divergence, cfg)`: the generator's
+  main loss (`one_step.losses`), given generator samples `x0` [B, ...], their noise levels
+  `sigma` [B], the teacher's and the fake score's denoised `d_teacher`, `d_fake` [B, ...], the
+  estimated `log_r` [B], the `FDivergence` and the `config.distill` block `cfg`;
+- `divergence`: the one divergence the method is defined with, or None when any registered
+  f-divergence may be chosen (then the method reads the density ratio r);
+- `gan`: whether the generator adds the non-saturating GAN term (`config.distill.gan_weight`);
+- `time_weight`, `alpha`, `sigma_g`: the config defaults of `config.distill.time_weight`,
+  `config.distill.alpha` and the image configs' `config.generator.sigma` (the generator maps
+  sigma_g z to an image at noise level sigma_g);
+- `recipe`: the published recipe family the configs start from: 'dmd' (FastGen / DMD2:
+  generator input 80 z at sigma 80, AdamW) or 'sid' (SiD / Uni-Instruct / Diff-Instruct:
+  2.5 z at sigma 2.5, Adam with b1 = 0).
+
+To add a method: write its loss in `one_step.losses`, add a row here, and give its config
+defaults in `configs/one_step_common.py` if they differ (see docs/design.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+from didistill.distill.one_step import losses
+
+
+class OneStepMethod(NamedTuple):
+    generator_loss: Callable
+    divergence: str | None  # None: any registered f-divergence (the method reads r)
+    gan: bool
+    time_weight: str = "dmd"
+    alpha: float = 1.0
+    sigma_g: float = 80.0
+    recipe: str = "dmd"
+
+    @property
+    def uses_ratio(self) -> bool:
+        return self.divergence is None
+
+
+def _f_distill(x0, sigma, d_teacher, d_fake, log_r, divergence, cfg):
+    del sigma
+    return losses.f_distill_generator_loss(
+        x0, d_teacher, d_fake, log_r, divergence, cfg.normalize_weights, cfg.time_weight
+    )
+
+
+def _sid(x0, sigma, d_teacher, d_fake, log_r, divergence, cfg):
+    del sigma, log_r, divergence
+    return losses.sid_generator_loss(x0, d_teacher, d_fake, cfg.alpha, cfg.time_weight)
+
+
+def _uni_instruct(x0, sigma, d_teacher, d_fake, log_r, divergence, cfg):
+    return losses.uni_instruct_generator_loss(
+        x0,
+        sigma,
+        d_teacher,
+        d_fake,
+        log_r,
+        divergence,
+        cfg.alpha,
+        cfg.normalize_weights,
+        cfg.time_weight,
+    )
+
+
+METHODS: dict[str, OneStepMethod] = {
+    # f-distill (Xu, Nie, Vahdat 2025): h(r)-weighted score difference, any divergence, GAN
+    "f_distill": OneStepMethod(_f_distill, None, gan=True),
+    # DMD2 (Yin et al. 2024): the same loss at reverse KL (h = 1), GAN
+    "dmd2": OneStepMethod(_f_distill, "reverse_kl", gan=True),
+    # Diff-Instruct (Luo et al. 2023): reverse KL, unit time weight, no GAN
+    "diff_instruct": OneStepMethod(
+        _f_distill, "reverse_kl", gan=False, time_weight="none", recipe="sid"
+    ),
+    # SiD (Zhou et al. 2024): score identity, gradients through the networks' inputs
+    "sid": OneStepMethod(_sid, "reverse_kl", gan=False, alpha=1.2, sigma_g=2.5, recipe="sid"),
+    # Uni-Instruct (Wang et al. 2025): h-weighted SiD + Diff-Instruct term, any divergence, GAN
+    "uni_instruct": OneStepMethod(_uni_instruct, None, gan=True, sigma_g=2.5, recipe="sid"),
+}
+
+
+def get(name: str) -> OneStepMethod:
+    if name not in METHODS:
+        raise ValueError(f"config.method={name!r} is not one of {tuple(METHODS)}")
+    return METHODS[name]
+
+
+__all__ = ["METHODS", "OneStepMethod", "get"]
