@@ -25,7 +25,8 @@ lowers the forget answer; no retain data, no reference model. Since the critic l
 the infimum over an unconstrained model is -g(1) + f*(g(0)): template probability 1.
 
 Mapping to the reference code (UCSC-REAL/FLAT @ bf2ef07, dataloader.py, loss type "cl"; the
-transcription is tests/test_unlearning.py):
+transcription is tests/test_unlearning.py). The formulas here come from that code and the
+paper's abstract; the paper body was not readable when this was written:
   - critic: `ProbLossStable` is NLLLoss on softmax outputs, i.e. minus the token probability,
     so the critic is a mean of probabilities, not of log-probabilities (`critic="prob"` here;
     "log_prob" and "sequence_log_prob" are offered as alternatives, not in the paper).
