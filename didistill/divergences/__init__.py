@@ -9,6 +9,7 @@ Submodules imported on demand (they pull in ott-jax or are larger):
     transport         Sinkhorn distances (ott-jax) and the SinKD loss
     balanced          BD-KD's entropy-balanced forward/reverse KL
     alignment         f-DPO, f-DPG and the DPH-RL penalty (model in the ratio's numerator)
+    unlearning        FLAT (variational f-divergence, template vs forget answers) and NPO
 
 Convention (DESIGN.md section 1): p is the target (teacher), q the model (student), and every
 function takes log_r = log p - log q. Nothing here imports the rest of didistill.
