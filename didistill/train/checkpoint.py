@@ -22,7 +22,8 @@ Restoring (`restore_latest`) reads onto the shardings carried by an abstract tre
 - if checkpoints existed and none is usable, `CheckpointError`: a run never restarts from step
   0 on its own over a run that had checkpoints.
 
-Checksums: once a save is on disk (checked before the next save, in `wait()` and `close()`),
+Checksums: once a save is on disk (checked at each log point, before the next save, in `wait()`
+and `close()`),
 process 0 writes `<step>/didistill.sha256.json`, the SHA-256 of every file of the step. A
 checkpoint without one (killed between the save and the manifest, or from an older version)
 is restored unverified but still checked for finite values.
@@ -200,6 +201,14 @@ class Checkpointer:
         if saved:
             self._unsealed.add(step)
         return saved
+
+    def seal_finished(self) -> None:
+        """Writes the checksum manifests of saves already on disk, without waiting (single
+        process; with several, at the next save, `wait()` or `close()`, which all call)."""
+        if jax.process_count() > 1:
+            return
+        if self._unsealed and not self._manager.is_saving_in_progress():
+            self._seal()
 
     def _seal(self) -> None:
         """Waits for pending saves, then writes the checksum manifest of each (process 0)."""

@@ -172,6 +172,7 @@ class _Loop:
                 bar.update(1)
                 if step % tc.log_every == 0 or step == tc.num_steps:
                     clock = self._log(step, report, clock)
+                    self.ckpt.seal_finished()  # checksum the saves that are on disk
                 if tc.checkpoint_every and step % tc.checkpoint_every == 0:
                     self.save(state, step, window)
         self.save(state, step, window, window_json)
