@@ -105,14 +105,38 @@ def _between_starts_fault(workdir, rng) -> str | None:
     return "truncated eval.json"
 
 
+def _lines(workdir) -> int:
+    try:
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
+
+
+def _wait_for_kill_point(proc, workdir, rng) -> None:
+    """Returns if `proc` ended; raises TimeoutExpired at the random moment to kill it: in
+    start-up (1 in 5) or when metrics.jsonl reaches a random line, plus up to 0.1 s."""
+    if rng.random() < 0.2:
+        proc.wait(timeout=float(rng.uniform(0.2, 6.0)))
+        return
+    target = _lines(workdir) + int(rng.integers(1, 8))
+    deadline = time.monotonic() + 300
+    while _lines(workdir) < target:
+        if proc.poll() is not None:
+            return
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(proc.args, 300)
+        time.sleep(0.01)
+    proc.wait(timeout=float(rng.uniform(0.0, 0.1)))
+
+
 def one_run(workdir, rng, reference, counts) -> None:
     kill_next = True
     for _ in range(MAX_STARTS):
         proc = _start(workdir)
         if kill_next:
-            delay = float(rng.uniform(0.5, 8.0))  # start-up included: kills before step 0 too
             try:
-                proc.wait(timeout=delay)
+                _wait_for_kill_point(proc, workdir, rng)
             except subprocess.TimeoutExpired:
                 sig = rng.choice([signal.SIGKILL, signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
                 proc.send_signal(sig)
