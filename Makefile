@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format clean-venv
+.PHONY: demo test faults lint format clean-venv
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ format: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -n 2 -q tests
+
+# Randomized fault injection (kills, bit flips, truncated files) on real runs; prints a table.
+faults: $(STAMP)
+	$(PY) -m tests.faults.random_faults --runs 40 --budget_s 1200
 
 clean-venv:
 	rm -rf $(VENV)

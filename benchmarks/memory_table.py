@@ -132,6 +132,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=8)
     devices = parser.parse_args().devices
+    if devices < 1:
+        parser.error(f"--devices={devices}: must be >= 1")
     print(
         f"| config | trained params | state contents (element counts) | state GiB | teacher "
         f"(frozen) GiB | per device, replicated GiB | per device, FSDP x{devices} GiB |"

@@ -612,6 +612,13 @@ def main(argv=None) -> dict:
     patterns = [p.strip() for p in args.workloads.split(",") if p.strip()] or (
         list(QUICK_WORKLOADS) if args.quick else None
     )
+    known = [f"toy/{m}" for m in TOY_METHODS] + [f"digits/{m}" for m in DIGITS_METHODS]
+    known += ["digits/edm_teacher", "text/mdlm_teacher", "text/didi_instruct"]
+    unknown = [p for p in patterns or () if not any(selected(n, [p]) for n in known)]
+    if unknown:
+        parser.error(f"--workloads: {unknown} match no workload; valid: {', '.join(known)}")
+    if args.repeats < 0:
+        parser.error(f"--repeats={args.repeats}: must be >= 1 (0 = the default)")
     if args.quick:  # cheap to compile on CPU (as in the tests); the default keeps threefry
         jax.config.update("jax_default_prng_impl", "unsafe_rbg")
     if args.scaling_worker:

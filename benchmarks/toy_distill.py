@@ -79,6 +79,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json", default="")
     args = parser.parse_args()
+    if args.batch < 1 or args.repeats < 1:
+        parser.error("--batch and --repeats must be >= 1")
     device = jax.devices()[0]
     print(f"device: {device.platform} ({device.device_kind}), {jax.device_count()} device(s)")
     steps = bench_steps(args.batch, args.repeats)

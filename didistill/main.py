@@ -6,11 +6,18 @@
 the config does not have is an error); `--config.a.b=VALUE` overrides one key. `main` then
 checks the engine keys, builds the method named by `config.method` (`didistill.distill`) and
 calls `didistill.train.loop.train`. Rerunning the same command resumes from the checkpoints in
-DIR. A config mistake prints one line, `didistill: error: ...`, and no traceback.
+DIR. A mistake or a fault (config, files, disk, another run in DIR) prints one line,
+`didistill: error: ...`, naming the file or key and what to do, and no traceback: pass `--debug`
+(or set DIDISTILL_DEBUG=1) to see it. `--restart` moves DIR's old run aside (DIR.old-<time>,
+nothing is deleted) and starts over; it is the way out when DIR holds a run of another config
+(see docs/reliability.md). A key given twice with different values is an error, not last-wins.
+`--config.<block>.divergence_params.NAME=VALUE` sets a divergence parameter (e.g. alpha) even
+when the config file leaves the block empty.
 
 Exit status: 0 when the run finished or was preempted (SIGTERM/SIGINT: a checkpoint was saved,
 rerun to resume); 1 when it stopped on an error it explains (non-finite steps, checkpoints from
-another config); 2 for a usage error (unknown key, invalid value, unknown method).
+another config, unreadable files, disk full, workdir in use); 2 for a usage error (unknown key,
+invalid value, unknown method); 130 when interrupted (Ctrl-C) outside the training loop.
 
 Multi-host: before anything else (even loading the config file, which may touch devices),
 `jax.distributed.initialize()` is called when `--distributed=on`, or with
@@ -28,11 +35,14 @@ pass `--distributed=on`: JAX then finds the cluster itself. `--distributed=off` 
 
 from __future__ import annotations
 
+import ast
 import difflib
+import errno
 import importlib.util
 import logging
 import os
 import sys
+import traceback
 from typing import NoReturn
 
 from absl import app, flags
@@ -49,12 +59,113 @@ _DISTRIBUTED = flags.DEFINE_enum(
     ["auto", "on", "off"],
     "Call jax.distributed.initialize(): auto = when a cluster environment is detected.",
 )
+_RESTART = flags.DEFINE_bool(
+    "restart",
+    False,
+    "Move the workdir's old run aside (to <workdir>.old-<time>; nothing is deleted), start over.",
+)
+flags.DEFINE_bool("debug", False, "Show the traceback of errors (also: DIDISTILL_DEBUG=1).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+# `--<...>.divergence_params.NAME=VALUE` overrides: set after parsing (the block may be empty).
+_FREE_PARAMS: list[tuple[str, str]] = []
+
+
+def debug_enabled(argv: list[str] | None = None) -> bool:
+    """--debug in argv (read before absl parses it) or DIDISTILL_DEBUG set and not 0."""
+    if os.environ.get("DIDISTILL_DEBUG", "").strip() not in ("", "0", "false", "False"):
+        return True
+    args = sys.argv if argv is None else argv
+    on = ("--debug", "-debug", "--debug=true", "--debug=True", "--debug=1")
+    return any(a in on for a in args)
 
 
 def _fail(message: str, exit_code: int = 2) -> NoReturn:
+    if debug_enabled() and sys.exc_info()[0] is not None:
+        traceback.print_exc()
+    message = " ".join(str(message).split())  # one line
     print(f"didistill: error: {message}", file=sys.stderr)
     sys.exit(exit_code)
+
+
+def _os_error_message(err: BaseException) -> str | None:
+    """One line for a file-system error (also one wrapped by orbax/tensorstore), or None."""
+    text = " ".join(str(err).split())[:300]
+    name = getattr(err, "filename", None)
+    where = f" ({name})" if name else ""
+    code = getattr(err, "errno", None)
+    if code == errno.ENOSPC or "No space left" in text or "RESOURCE_EXHAUSTED" in text:
+        return (
+            f"no space left on the device{where}: {text}. Free some space or use a --workdir "
+            "on another disk, then rerun the same command: the run resumes from its last "
+            "complete checkpoint."
+        )
+    if code == errno.EROFS or "Read-only file system" in text:
+        return f"read-only file system{where}: {text}. Use a writable --workdir."
+    if code in (errno.EACCES, errno.EPERM) or "Permission denied" in text:
+        return f"permission denied{where}: {text}. Fix the permissions or use another --workdir."
+    if code == errno.ENOENT:
+        cwd = os.getcwd()
+        return f"no such file or directory{where}: {text}. Check the path (relative to {cwd})."
+    if isinstance(err, OSError):
+        return f"{text}{where}. Check the file and the disk, then rerun."
+    return None
+
+
+def _check_duplicates(argv: list[str]) -> None:
+    """A flag given twice with different values is a mistake, not last-wins."""
+    seen: dict[str, str] = {}
+    for arg in argv[1:]:
+        if not arg.startswith("-") or "=" not in arg:
+            continue
+        name, value = arg.lstrip("-").split("=", 1)
+        if name in seen and seen[name] != value:
+            _fail(
+                f"contradictory arguments --{name}={seen[name]} and --{name}={value}: give each "
+                "key once."
+            )
+        seen[name] = value
+
+
+def _split_free_params(argv: list[str]) -> list[str]:
+    """Takes the `divergence_params.NAME` overrides of keys the config lacks out of argv."""
+    if not any(".divergence_params." in a for a in argv):
+        return argv
+    root = _load_config_file(argv)
+    if root is None:
+        return argv
+    kept = []
+    for arg in argv:
+        if arg.startswith("--config.") and ".divergence_params." in arg and "=" in arg:
+            path, value = arg[len("--config.") :].split("=", 1)
+            block_path, _, name = path.rpartition(".")
+            node = root
+            try:
+                for part in block_path.split("."):
+                    node = node[part]
+            except (KeyError, TypeError, AttributeError):
+                node = None
+            if isinstance(node, ConfigDict) and name and name not in node:
+                _FREE_PARAMS.append((path, value))
+                continue
+        kept.append(arg)
+    removed = {f"--config.{path}={value}" for path, value in _FREE_PARAMS}
+    sys.argv = [a for a in sys.argv if a not in removed]  # config_flags reads sys.argv itself
+    return kept
+
+
+def _apply_free_params(config: ConfigDict) -> None:
+    for path, text in _FREE_PARAMS:
+        block_path, _, name = path.rpartition(".")
+        node = config
+        for part in block_path.split("."):
+            node = node[part]
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        with node.unlocked():
+            node[name] = value
 
 
 def _load_config_file(argv: list[str]) -> ConfigDict | None:
@@ -113,6 +224,8 @@ def _expected_type(argv: list[str], message: str) -> str:
 
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing that reports every mistake as one message (no traceback)."""
+    _check_duplicates(argv)
+    argv = _split_free_params(argv)
     try:
         return flags.FLAGS(argv)
     except flags.Error as err:
@@ -121,6 +234,16 @@ def _parse_flags(argv: list[str]) -> list[str]:
             lines = [line for line in message.splitlines() if line.strip()]
             message = f"{lines[0].rstrip(':')}: {lines[-1].strip()}"
         _fail(f"{message}{_expected_type(argv, message)}")
+    except (SyntaxError, ImportError) as err:  # the config file itself cannot be run
+        spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
+        path = spec.partition(":")[0]
+        if isinstance(err, SyntaxError):
+            _fail(f"cannot load --config={path}: syntax error at line {err.lineno}: {err.msg}.")
+        _fail(
+            f"cannot load --config={path}: {err}. Config files import the repository's "
+            "`configs` package: run from the repository root (the folder with configs/ and "
+            "didistill/)."
+        )
     except (AttributeError, KeyError, TypeError, ValueError) as err:
         message = _describe_unknown_key(argv)
         if message is None:  # not an unknown key: unwrap ml_collections' nested messages
@@ -138,7 +261,14 @@ def _load_config() -> ConfigDict:
         path = flags.FLAGS["config"].config_filename.partition(":")[0]
         if not os.path.isfile(path):
             _fail(f"--config: no config file at {path!r} (relative to {os.getcwd()})")
-        _fail(f"cannot load --config: {' '.join(str(err).split())}")
+        if isinstance(err, ModuleNotFoundError) or "No module named 'configs'" in str(err):
+            _fail(
+                f"cannot load --config={path}: {' '.join(str(err).split())}. Config files "
+                "import the repository's `configs` package: run from the repository root "
+                "(the folder with configs/ and didistill/)."
+            )
+        _fail(f"cannot load --config={path}: {' '.join(str(err).split())}")
+    _apply_free_params(config)
     return config
 
 
@@ -178,7 +308,19 @@ def maybe_initialize_distributed(mode: str, environ=os.environ) -> str | None:
                     "JAX_NUM_PROCESSES and JAX_PROCESS_ID too, or pass --distributed=off."
                 )
             kwargs[arg] = int(environ[var])
-    jax.distributed.initialize(**kwargs)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except KeyboardInterrupt:
+        raise
+    except Exception as err:
+        where = f"the {env} environment" if env else "--distributed=on (no cluster found)"
+        reason = " ".join(str(err).split())[:300].rstrip(".")
+        _fail(
+            f"jax.distributed.initialize() failed for {where}: {reason}"
+            ". On a single machine pass --distributed=off; on a cluster check the coordinator "
+            "address and that every process was started.",
+            1,
+        )
     return env or "auto-detected by JAX"
 
 
@@ -191,17 +333,55 @@ def _distributed_mode(argv: list[str]) -> str:
     return mode
 
 
+def _check_teacher_file(config: ConfigDict) -> None:
+    teacher = config.get("teacher")
+    path = teacher.get("checkpoint") if isinstance(teacher, ConfigDict) else None
+    if isinstance(path, str) and path and not os.path.isfile(path):
+        _fail(
+            f"config.teacher.checkpoint={path!r}: no such file (relative to {os.getcwd()}). "
+            "Run from the repository root, or pass --config.teacher.checkpoint=PATH (see "
+            "assets/README.md for how the teachers are made).",
+            2,
+        )
+
+
+def _build_method(config: ConfigDict):
+    from didistill.distill import get_method
+    from didistill.train.errors import DidistillError
+
+    try:
+        return get_method(config)
+    except (DidistillError, OSError, KeyboardInterrupt):
+        raise
+    except ValueError as err:
+        _fail(str(err))
+    except Exception as err:  # a wrong teacher file: KeyError('width'), msgpack errors, ...
+        teacher = config.get("teacher")
+        path = teacher.get("checkpoint") if isinstance(teacher, ConfigDict) else None
+        hint = (
+            f" Is config.teacher.checkpoint={path!r} a teacher file of this config's kind? "
+            "Point --config.teacher.checkpoint to the right one."
+            if path
+            else " Check the config values of the method."
+        )
+        _fail(f"cannot build method {config.method!r}: {type(err).__name__}: {err}.{hint}")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}: every option is a --flag=value")
+    workdir = _WORKDIR.value
+    if not workdir or not workdir.strip():
+        _fail("--workdir is empty: give the run directory, e.g. --workdir=runs/toy")
     config = _load_config()
 
     import jax
 
-    from didistill.distill import get_method
     from didistill.train import reporting
+    from didistill.train import workdir as workdir_lib
     from didistill.train.errors import DidistillError
     from didistill.train.loop import check_config, train
+    from didistill.train.validate import validate_method_keys
 
     reporting.setup()
     if not flags.FLAGS["verbosity"].present:  # orbax and jax log chattily at INFO through absl
@@ -212,20 +392,45 @@ def main(argv: list[str]) -> None:
         )
     try:
         check_config(config)  # engine keys, mesh shape against the devices, batch split
-        try:
-            method = get_method(config)
-        except ValueError as err:
-            _fail(str(err))
-        train(method, config, _WORKDIR.value)
+        validate_method_keys(config)
+        _check_teacher_file(config)
+        method = _build_method(config)
+        if _RESTART.value:
+            if jax.process_index() == 0:
+                moved = workdir_lib.move_aside(workdir)
+                if moved:
+                    print(f"didistill: moved the old run {workdir} to {moved}", file=sys.stderr)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("didistill_restart")
+        train(method, config, workdir)
     except DidistillError as err:
         _fail(str(err), err.exit_code)
+    except KeyboardInterrupt:
+        _fail(
+            "interrupted (Ctrl-C) outside the training loop: nothing is lost, the checkpoints "
+            "in --workdir are intact; rerun the same command to resume (or evaluate again).",
+            130,
+        )
+    except Exception as err:
+        message = _os_error_message(err)
+        if message is None:
+            message = (
+                f"unexpected {type(err).__name__}: {' '.join(str(err).split())[:300]}. Rerun "
+                "with --debug (or DIDISTILL_DEBUG=1) for the traceback."
+            )
+        _fail(message, 1)
 
 
 def run() -> None:
     # Before absl parses flags: loading the config file may already touch devices, and
     # jax.distributed.initialize must come first.
-    maybe_initialize_distributed(_distributed_mode(sys.argv))
-    app.run(main, flags_parser=_parse_flags)
+    try:
+        maybe_initialize_distributed(_distributed_mode(sys.argv))
+        app.run(main, flags_parser=_parse_flags)
+    except KeyboardInterrupt:
+        _fail("interrupted (Ctrl-C) during start-up: nothing was written; rerun the command.", 130)
 
 
 if __name__ == "__main__":

@@ -244,6 +244,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--data_dir", default="data/tfds", help="tfds data_dir of the digits")
     common.add_cache_flag(parser)
     args = parser.parse_args(argv)
+    for name in ("seeds", "steps", "num_samples", "batch_size", "critic_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name}={getattr(args, name)}: must be >= 1")
     settings = _settings(args.quick)
     steps = args.steps or settings["steps"]
     args.num_samples = args.num_samples or settings["num_samples"]

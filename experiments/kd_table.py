@@ -167,6 +167,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--data_dir", default="", help="tfds data_dir ('' = TFDS default)")
     common.add_cache_flag(parser)
     args = parser.parse_args(argv)
+    for name in ("seeds", "steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name}={value}: must be >= 1")
     settings = _settings(args.quick)
     seeds = args.seeds or settings["seeds"]
     steps = args.steps or settings["steps"]

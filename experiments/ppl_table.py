@@ -195,6 +195,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--sdtt_divergences", default=None, help="comma-separated divergences")
     common.add_cache_flag(parser)
     args = parser.parse_args(argv)
+    for name in ("teacher_long", "didi_steps", "sdtt_round"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name}={value}: must be >= 1")
     settings = _settings(args.quick)
     steps = tuple(int(n) for n in (args.steps or settings["steps"]).split(","))
     divergences = [d for d in (args.sdtt_divergences or settings["divergences"]).split(",") if d]

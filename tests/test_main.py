@@ -181,7 +181,7 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_the_rerun_resumes(tmp_path):
     assert sorted(os.listdir(workdir / loop.CHECKPOINT_DIR)) == [str(stopped)]
     assert not (workdir / loop.EVAL_FILE).exists()
 
-    resumed = _main(workdir, *flags)
+    resumed = _main(workdir, *flags, "--config.dummy.sleep_s=0.05")  # the same config
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from the checkpoint at step {stopped}" in resumed.stderr
     uninterrupted = tmp_path / "uninterrupted"

@@ -11,24 +11,41 @@ Restoring (`restore_latest`) reads onto the shardings carried by an abstract tre
 
 - if a checkpoint's metadata shows a different tree or different shapes than the abstract
   state, the directory was written by another config: `CheckpointError`, nothing is touched;
-- if a checkpoint cannot be read (truncated, corrupt, half deleted), a warning is logged and
-  its step directory is renamed `corrupt_<step>_<time>` (kept for inspection, and out of the
-  way so the step can be saved again); the next older checkpoint is tried.
+- every file of the step directory is read first. An `OSError` there (permissions, I/O error,
+  a vanished mount) is "cannot read", not "corrupt": `CheckpointError` naming the file and the
+  OS error, and nothing is renamed;
+- if a checkpoint is corrupt (a file's SHA-256 differs from the checksum manifest written
+  after the save, orbax cannot decode it, or a restored float array holds NaN/inf), a warning
+  is logged and its step directory is renamed `corrupt_<step>_<time>` (kept for inspection,
+  and out of the way so the step can be saved again); the next older checkpoint is tried, and
+  the warning of the one finally used names both;
+- if checkpoints existed and none is usable, `CheckpointError`: a run never restarts from step
+  0 on its own over a run that had checkpoints.
+
+Checksums: once a save is on disk (checked at each log point, before the next save, in `wait()`
+and `close()`),
+process 0 writes `<step>/didistill.sha256.json`, the SHA-256 of every file of the step. A
+checkpoint without one (killed between the save and the manifest, or from an older version)
+is restored unverified but still checked for finite values.
 
 A good checkpoint is never deleted here except by `LatestN` rotation after a newer save.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from didistill.train import workdir
 from didistill.train.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -74,6 +91,69 @@ def _difference(saved: dict, wanted: dict) -> str | None:
     return None
 
 
+MANIFEST = "didistill.sha256.json"
+_UNREADABLE = ("PERMISSION_DENIED", "Permission denied", "Input/output error", "UNAVAILABLE")
+
+
+class Unreadable(Exception):
+    """A checkpoint file cannot be read (an OS problem, not corrupt data)."""
+
+
+class Corrupt(Exception):
+    """A checkpoint's data is damaged."""
+
+
+def _open_for_read(path: str):
+    """`open(path, 'rb')`; a seam for the fault tests (root ignores chmod)."""
+    return open(path, "rb")  # noqa: SIM115
+
+
+def _files(directory: str) -> list[str]:
+    out = []
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            if os.path.relpath(path, directory) != MANIFEST:
+                out.append(path)
+    return sorted(out)
+
+
+def _hash_files(directory: str) -> dict[str, str]:
+    """{relative path: sha256} of every file under `directory` (the manifest excluded)."""
+    out = {}
+    for path in _files(directory):
+        digest = hashlib.sha256()
+        try:
+            with _open_for_read(path) as f:
+                for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                    digest.update(chunk)
+        except OSError as err:
+            raise Unreadable(f"{path}: {err.strerror or err}") from err
+        out[os.path.relpath(path, directory)] = digest.hexdigest()
+    return out
+
+
+@jax.jit
+def _nonfinite_counts(tree):
+    return [jnp.sum(~jnp.isfinite(x)) for x in tree]
+
+
+def _first_nonfinite(state) -> str | None:
+    """The path of the first float leaf of `state` with a NaN/inf, or None."""
+    leaves = [
+        (path, leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
+        if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact)
+    ]
+    if not leaves:
+        return None
+    counts = jax.device_get(_nonfinite_counts([leaf for _, leaf in leaves]))
+    for (path, _), count in zip(leaves, counts, strict=True):
+        if count:
+            return f"'{'/'.join(_leaf_name(e) for e in path)}' holds {int(count)} NaN/inf values"
+    return None
+
+
 class Checkpointer:
     """Saves and restores `EngineState` pytrees under one directory. A context manager."""
 
@@ -85,6 +165,7 @@ class Checkpointer:
             create=True,
         )
         self._manager = self._open()
+        self._unsealed: set[int] = set()  # saved steps still without a checksum manifest
 
     def _open(self) -> ocp.CheckpointManager:
         return ocp.CheckpointManager(
@@ -102,42 +183,133 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def set_aside_dirs(self) -> list[str]:
+        """The step directories set aside earlier (corrupt_<step>_<time>)."""
+        if not os.path.isdir(self.directory):
+            return []
+        return sorted(n for n in os.listdir(self.directory) if n.startswith("corrupt_"))
+
     def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> bool:
         """Starts saving `state` at `step`; returns False if that step is already saved."""
         if step in self._manager.all_steps():
             return False
+        self._seal()
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta, step=step))
         )
-        return self._manager.save(step, args=args, force=True)
+        saved = self._manager.save(step, args=args, force=True)
+        if saved:
+            self._unsealed.add(step)
+        return saved
+
+    def seal_finished(self) -> None:
+        """Writes the checksum manifests of saves already on disk, without waiting (single
+        process; with several, at the next save, `wait()` or `close()`, which all call)."""
+        if jax.process_count() > 1:
+            return
+        if self._unsealed and not self._manager.is_saving_in_progress():
+            self._seal()
+
+    def _seal(self) -> None:
+        """Waits for pending saves, then writes the checksum manifest of each (process 0)."""
+        self._manager.wait_until_finished()
+        if jax.process_index() == 0:
+            for step in sorted(self._unsealed):
+                directory = os.path.join(self.directory, str(step))
+                if os.path.isdir(directory):  # not rotated away meanwhile
+                    sums = _hash_files(directory)
+                    workdir.write_text_atomic(
+                        os.path.join(directory, MANIFEST), json.dumps(sums, indent=1) + "\n"
+                    )
+        self._unsealed.clear()
+
+    def verify(self, step: int) -> None:
+        """Raises `Unreadable` if a file of `step` cannot be read, `Corrupt` if a file differs
+        from the checksum manifest (when there is one)."""
+        directory = os.path.join(self.directory, str(step))
+        sums = _hash_files(directory)
+        manifest = os.path.join(directory, MANIFEST)
+        if not os.path.exists(manifest):
+            logger.info("checkpoint step %d has no checksum manifest: not verified", step)
+            return
+        try:
+            with _open_for_read(manifest) as f:
+                expected = json.loads(f.read())
+        except OSError as err:
+            raise Unreadable(f"{manifest}: {err.strerror or err}") from err
+        except ValueError as err:
+            raise Corrupt(f"its checksum manifest is damaged ({err})") from err
+        for name in sorted(set(expected) | set(sums)):
+            if name not in sums:
+                raise Corrupt(f"file {name} is missing")
+            if name in expected and expected[name] != sums[name]:
+                raise Corrupt(f"file {name} does not match its SHA-256 checksum")
 
     def restore(self, step: int, abstract_state: PyTree) -> Restored:
-        """Reads `step` onto the shardings of `abstract_state`; raises on any failure."""
+        """Reads `step` onto the shardings of `abstract_state`, verified; raises `Unreadable`,
+        `Corrupt` or `CheckpointError` (another config's checkpoint)."""
+        self.verify(step)
         self._check_compatible(step, abstract_state)
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
         )
-        restored = self._manager.restore(step, args=args)
+        try:
+            restored = self._manager.restore(step, args=args)
+        except OSError as err:
+            raise Unreadable(f"{os.path.join(self.directory, str(step))}: {err}") from err
+        except Exception as err:  # orbax/tensorstore decoding errors
+            text = str(err).splitlines()[0][:300] if str(err) else ""
+            if any(marker in str(err) for marker in _UNREADABLE):
+                raise Unreadable(f"{os.path.join(self.directory, str(step))}: {text}") from err
+            raise Corrupt(f"{type(err).__name__}: {text}") from err
+        bad = _first_nonfinite(restored.state)
+        if bad is not None:
+            raise Corrupt(bad)
         return Restored(step, restored.state, dict(restored.meta))
 
     def restore_latest(self, abstract_state: PyTree) -> Restored | None:
-        """The newest readable checkpoint, setting corrupt ones aside; None if there is none."""
+        """The newest usable checkpoint, setting corrupt ones aside; None if there is none.
+
+        Raises `CheckpointError` if a checkpoint cannot be read (OS error, nothing renamed), if
+        one belongs to another config, or if checkpoints existed and none was usable."""
+        set_aside = []
         for step in reversed(self.steps()):
             try:
-                return self.restore(step, abstract_state)
-            except CheckpointError:
-                raise
-            except Exception as err:  # any read failure means the same: unusable data
-                moved = self._set_aside(step)
+                restored = self.restore(step, abstract_state)
+            except Unreadable as err:
+                raise CheckpointError(
+                    f"cannot read checkpoint step {step}: {err}. This is a storage or "
+                    "permission problem, not corrupt data: nothing was renamed or deleted. Fix "
+                    "access to the file and rerun the same command."
+                ) from err
+            except Corrupt as err:
+                moved = self.set_aside(step)
+                set_aside.append((step, moved))
                 logger.warning(
-                    "checkpoint step %d in %s cannot be read (%s: %s); moved it to %s and "
-                    "falling back to the previous checkpoint.",
+                    "checkpoint step %d in %s is corrupt and cannot be read (%s); moved it to "
+                    "%s and falling back to the previous checkpoint.",
                     step,
                     self.directory,
-                    type(err).__name__,
-                    str(err).splitlines()[0][:300] if str(err) else "",
+                    err,
                     moved,
                 )
+                continue
+            if set_aside:
+                logger.warning(
+                    "using checkpoint step %d instead of step %d (set aside as %s)",
+                    step,
+                    set_aside[0][0],
+                    set_aside[0][1],
+                )
+            return restored
+        if set_aside or self.set_aside_dirs():
+            aside = [os.path.basename(m) for _, m in set_aside] or self.set_aside_dirs()
+            raise CheckpointError(
+                f"no usable checkpoint in {self.directory}: the checkpoints there are corrupt "
+                f"and were set aside ({', '.join(aside)}). The run does not restart from step "
+                "0 on its own. Rerun with --restart to move this run aside and start over, or "
+                "restore a good copy of a checkpoint into that directory."
+            )
         return None
 
     def _check_compatible(self, step: int, abstract_state: PyTree) -> None:
@@ -154,10 +326,10 @@ class Checkpointer:
                 "or method). Use a fresh --workdir, or rerun with the config that wrote it."
             )
 
-    def _set_aside(self, step: int) -> str:
-        """Renames the step directory to corrupt_<step>_<time>; returns the new path."""
+    def set_aside(self, step: int, prefix: str = "corrupt") -> str:
+        """Renames the step directory to <prefix>_<step>_<time>; returns the new path."""
         source = os.path.join(self.directory, str(step))
-        target = os.path.join(self.directory, f"corrupt_{step}_{time.strftime('%Y%m%d-%H%M%S')}")
+        target = os.path.join(self.directory, f"{prefix}_{step}_{time.strftime('%Y%m%d-%H%M%S')}")
         if jax.process_index() == 0 and os.path.exists(source):
             suffix = 0
             while os.path.exists(target + (f"_{suffix}" if suffix else "")):
@@ -173,12 +345,17 @@ class Checkpointer:
         self._manager = self._open()
         return target
 
+    _set_aside = set_aside
+
     def wait(self) -> None:
-        """Blocks until pending asynchronous saves are on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until pending asynchronous saves are on disk (and checksummed)."""
+        self._seal()
 
     def close(self) -> None:
-        self._manager.close()
+        try:
+            self._seal()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -187,4 +364,4 @@ class Checkpointer:
         self.close()
 
 
-__all__ = ["Checkpointer", "Restored"]
+__all__ = ["MANIFEST", "Checkpointer", "Corrupt", "Restored", "Unreadable"]

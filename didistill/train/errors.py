@@ -26,7 +26,15 @@ class CheckpointError(DidistillError):
 
 
 class NonFiniteError(DidistillError, RuntimeError):
-    """Too many consecutive steps produced NaN/inf and were skipped; the run stopped."""
+    """Too many consecutive steps produced NaN/inf and were skipped; the run stopped.
+
+    `first_bad_step` is the index of the first skipped step of the streak."""
+
+    def __init__(self, first_bad_step: int | str, message: str | None = None):
+        if message is None:  # NonFiniteError(message), as before
+            first_bad_step, message = -1, str(first_bad_step)
+        super().__init__(message)
+        self.first_bad_step = first_bad_step
 
 
 __all__ = ["CheckpointError", "ConfigError", "DidistillError", "NonFiniteError"]

@@ -27,10 +27,13 @@ What the engine does, in order:
 
 Run directory (only process 0 writes the files; every process writes its checkpoint shards):
 
+    <workdir>/run.json                the config's fingerprint (`workdir.py`), first start
+    <workdir>/run.lock                pid and host of the run using the directory (flock)
     <workdir>/config.json             the resolved config of the latest start
     <workdir>/metrics.jsonl           one JSON object a line: {"step": S, <metric means>, ...}
     <workdir>/checkpoints/<S>/        orbax checkpoints (state + meta), newest keep_checkpoints
-    <workdir>/checkpoints/corrupt_<S>_<time>/   unreadable checkpoints, set aside
+    <workdir>/checkpoints/corrupt_<S>_<time>/   corrupt checkpoints, set aside
+    <workdir>/checkpoints/nonfinite_<S>_<time>/ checkpoints after which every step was NaN/inf
     <workdir>/eval.json               {"step": S, <method.evaluate results>}
     <workdir>/*.png ...               whatever method.evaluate writes
 
@@ -48,10 +51,13 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from didistill.train import reporting, sharding
-from didistill.train.checkpoint import Checkpointer
-from didistill.train.errors import CheckpointError, NonFiniteError
+from didistill.train import workdir as workdir_lib
+from didistill.train.checkpoint import Checkpointer, Corrupt, Unreadable
+from didistill.train.errors import CheckpointError, ConfigError, NonFiniteError
 from didistill.train.method import Method
 from didistill.train.preemption import PreemptionWatcher
 from didistill.train.state import (
@@ -73,6 +79,7 @@ EVAL_FILE = "eval.json"
 CHECKPOINT_DIR = "checkpoints"
 INIT_KEY_TAG = 2**32 - 1
 EVAL_KEY_TAG = 2**32 - 2
+MAX_ROLLBACKS = 3  # checkpoints set aside by the NaN guard before the run stops
 
 
 def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -118,7 +125,10 @@ def load_checkpoint(method: Method, config, workdir: str, step: int | None = Non
         step = c.latest_step() if step is None else step
         if step is None or step not in c.steps():
             raise CheckpointError(f"no checkpoint {'' if step is None else step} in {c.directory}")
-        restored = c.restore(step, abstract)
+        try:
+            restored = c.restore(step, abstract)
+        except (Corrupt, Unreadable) as err:
+            raise CheckpointError(f"checkpoint step {step} in {c.directory}: {err}") from err
     return restored.step, restored.state.method_state
 
 
@@ -162,6 +172,7 @@ class _Loop:
                 bar.update(1)
                 if step % tc.log_every == 0 or step == tc.num_steps:
                     clock = self._log(step, report, clock)
+                    self.ckpt.seal_finished()  # checksum the saves that are on disk
                 if tc.checkpoint_every and step % tc.checkpoint_every == 0:
                     self.save(state, step, window)
         self.save(state, step, window, window_json)
@@ -218,12 +229,13 @@ class _Loop:
             else "no checkpoint was saved"
         )
         raise NonFiniteError(
+            step - consecutive,
             f"training stopped at step {step}: the last {consecutive} steps (indices "
             f"{step - consecutive}..{step - 1}) gave NaN/inf metrics or parameters and were "
             f"skipped (config.train.max_nonfinite_steps={limit}); {where}. What to do: lower the "
             "learning rate, clip gradients (optimizer grad_clip_norm), or check the data and "
             "teacher; then rerun the same command to resume from the checkpoint (or raise "
-            "--config.train.max_nonfinite_steps)."
+            "--config.train.max_nonfinite_steps).",
         )
 
     def save(self, state: EngineState, step: int, window, window_json=None) -> None:
@@ -241,10 +253,33 @@ def _write_config(config, workdir: str) -> None:
     reporting.write_json(os.path.join(workdir, CONFIG_FILE), resolved)
 
 
+def _previous_eval(eval_path: str, is_main: bool) -> dict | None:
+    """The contents of eval.json; None (and the file set aside) if it is damaged."""
+    if not os.path.exists(eval_path):
+        return None
+    try:
+        previous = reporting.read_json(eval_path)
+        if isinstance(previous, dict) and isinstance(previous.get("step"), int):
+            return previous
+        problem = "it holds no step"
+    except ValueError as err:
+        problem = f"invalid JSON: {err}"
+    aside = f"{eval_path}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+    if is_main:
+        os.replace(eval_path, aside)
+    logger.warning(
+        "%s is damaged (%s); moved it to %s and evaluating the final checkpoint again",
+        eval_path,
+        problem,
+        aside,
+    )
+    return None
+
+
 def _evaluate(method: Method, state, step: int, eval_key, workdir: str, is_main: bool, mesh):
     eval_path = os.path.join(workdir, EVAL_FILE)
-    if os.path.exists(eval_path):
-        previous = reporting.read_json(eval_path)
+    previous = _previous_eval(eval_path, is_main)
+    if previous is not None:
         if previous.get("step") == step:
             logger.info("eval.json already holds step %d: not evaluating again", step)
             return {k: v for k, v in previous.items() if k != "step"}
@@ -258,54 +293,130 @@ def _evaluate(method: Method, state, step: int, eval_key, workdir: str, is_main:
     return results
 
 
+def _check_paths(workdir: str) -> None:
+    """Clear errors for a workdir (or its checkpoints folder) that cannot be a directory."""
+    if not workdir or not workdir.strip():
+        raise ConfigError("--workdir is empty: give the run directory, e.g. --workdir=runs/toy")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(
+            f"--workdir={workdir} is a file, not a directory: pass another --workdir (or move "
+            "the file away)."
+        )
+    ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
+    if os.path.exists(ckpt_dir) and not os.path.isdir(ckpt_dir):
+        raise ConfigError(
+            f"{ckpt_dir} is a file, not a directory: move it away (checkpoints are saved in "
+            "that directory), or use another --workdir."
+        )
+
+
+def _all_processes_agree(ok: bool) -> bool:
+    """Process 0's `ok`, on every process (so that all stop together)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+
+
 def train(method: Method, config, workdir: str) -> dict[str, Any]:
     """Trains `method` as `config.train` says, in `workdir`; resumes if it holds checkpoints.
 
     Returns {"step": steps done, "preempted": bool, "metrics": the last metrics line (or None),
     "eval": method.evaluate results (None if preempted), "state": the final method state, on
     the run's state shardings (split over devices with config.mesh.fsdp)}.
-    Raises ConfigError for bad engine keys, CheckpointError if the checkpoints belong to another
-    config, NonFiniteError after max_nonfinite_steps consecutive non-finite steps.
+    Raises ConfigError for bad engine keys, WorkdirMismatchError if the workdir holds a run of
+    another config (`workdir.py`), WorkdirLockedError if another run uses it, CheckpointError if
+    the checkpoints cannot be read or none is usable, NonFiniteError after
+    max_nonfinite_steps consecutive non-finite steps (after up to MAX_ROLLBACKS fallbacks to
+    older checkpoints, when the checkpoint resumed from is what produced them).
     """
     _, _, fsdp = check_config(config)
     mesh = sharding.mesh_from_config(config.mesh)
     sharding.check_batch(method.global_batch_size, mesh)
     is_main = jax.process_index() == 0
+    _check_paths(workdir)
+    workdir_lib.check_fingerprint(config, workdir, write=False)  # before touching anything
     os.makedirs(workdir, exist_ok=True)
-    if is_main:
-        _write_config(config, workdir)
+    lock = workdir_lib.WorkdirLock(workdir, enabled=is_main)
+    try:
+        lock.__enter__()
+        locked = True
+    except workdir_lib.WorkdirLockedError:
+        if jax.process_count() == 1:
+            raise
+        locked = False
+    if not _all_processes_agree(locked):
+        lock.__exit__(None, None, None)
+        raise workdir_lib.WorkdirLockedError(f"--workdir={workdir} is in use by another run")
+    try:
+        workdir_lib.check_fingerprint(config, workdir, write=is_main)  # under the lock
+        if is_main:
+            _write_config(config, workdir)
+        return _train_locked(method, config, workdir, mesh, fsdp, is_main)
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _train_locked(method: Method, config, workdir: str, mesh, fsdp: bool, is_main: bool):
     eval_key = run_keys(config.seed)[2]
     abstract, state_sharding = state_shardings(method, config.seed, mesh, fsdp)
     ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
 
+    rollbacks: list[str] = []
     with jax.set_mesh(mesh), Checkpointer(ckpt_dir, config.train.keep_checkpoints) as ckpt:
-        restored = ckpt.restore_latest(abstract)
-        if restored is None:
-            logger.info(
-                "new run in %s (%d devices, mesh %s, fsdp=%s)",
-                workdir,
-                jax.device_count(),
-                dict(mesh.shape),
-                fsdp,
-            )
-            state = sharding.replicate(_init_fn(method, config.seed), state_sharding)
-            start, window_json = 0, None
-        else:
-            logger.info("resuming from the checkpoint at step %d", restored.step)
-            if restored.step > config.train.num_steps:
-                logger.warning(
-                    "the checkpoint is past config.train.num_steps=%d: nothing to train",
-                    config.train.num_steps,
+        while True:
+            restored = ckpt.restore_latest(abstract)
+            if restored is None:
+                logger.info(
+                    "new run in %s (%d devices, mesh %s, fsdp=%s)",
+                    workdir,
+                    jax.device_count(),
+                    dict(mesh.shape),
+                    fsdp,
                 )
-            state, start, window_json = restored.state, restored.step, restored.meta.get("window")
-        writer = reporting.MetricsWriter(os.path.join(workdir, METRICS_FILE), start, is_main)
-        try:
-            with PreemptionWatcher() as watcher:  # also covers the wait for the last save
-                loop = _Loop(method, config, mesh, state_sharding, ckpt, writer, watcher)
-                state, step, preempted = loop.run(state, start, window_json)
+                state = sharding.replicate(_init_fn(method, config.seed), state_sharding)
+                start, window_json = 0, None
+            else:
+                logger.info("resuming from the checkpoint at step %d", restored.step)
+                if restored.step > config.train.num_steps:
+                    logger.warning(
+                        "the checkpoint is past config.train.num_steps=%d: nothing to train",
+                        config.train.num_steps,
+                    )
+                state, start = restored.state, restored.step
+                window_json = restored.meta.get("window")
+            writer = reporting.MetricsWriter(os.path.join(workdir, METRICS_FILE), start, is_main)
+            try:
+                with PreemptionWatcher() as watcher:  # also covers the wait for the last save
+                    loop = _Loop(method, config, mesh, state_sharding, ckpt, writer, watcher)
+                    state, step, preempted = loop.run(state, start, window_json)
+                    ckpt.wait()
+            except NonFiniteError as err:
+                # Resuming from this checkpoint gave only non-finite steps: the checkpoint
+                # itself is suspect (training is deterministic, so a streak that starts later
+                # would come back from any older checkpoint too).
+                if restored is None or err.first_bad_step != restored.step:
+                    raise
+                if len(rollbacks) >= MAX_ROLLBACKS:
+                    raise NonFiniteError(
+                        err.first_bad_step,
+                        f"{err} Already fell back {len(rollbacks)} times (set aside: "
+                        f"{', '.join(rollbacks)}): stopping.",
+                    ) from err
                 ckpt.wait()
-        finally:
-            writer.close()
+                moved = ckpt.set_aside(restored.step, prefix="nonfinite")
+                rollbacks.append(os.path.basename(moved))
+                logger.warning(
+                    "every step after the checkpoint at step %d was non-finite: moved it to %s "
+                    "and falling back to the previous checkpoint (fallback %d of at most %d)",
+                    restored.step,
+                    moved,
+                    len(rollbacks),
+                    MAX_ROLLBACKS,
+                )
+                continue
+            finally:
+                writer.close()
+            break
     result = {"step": step, "preempted": preempted, "metrics": loop.last_line, "eval": None}
     if preempted:
         logger.warning("stopped at step %d on request; rerun the same command to resume", step)

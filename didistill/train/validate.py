@@ -71,4 +71,25 @@ def validate_config(config, num_devices: int, num_processes: int = 1) -> None:
     check_batch_divisible(batch_size, data, num_processes)
 
 
-__all__ = ["check_batch_divisible", "data_axis_size", "validate_config"]
+# Method keys the methods read without checking them themselves (see the module docstring).
+_TOY_GENERATOR_KINDS = ("mlp", "affine")
+
+
+def validate_method_keys(config) -> None:
+    """Raises `ConfigError` for common method keys with values no method accepts."""
+    generator, data = config.get("generator"), config.get("data")
+    if generator is not None and "kind" in generator and data is not None and "toy" in data:
+        if generator.kind not in _TOY_GENERATOR_KINDS:
+            raise ConfigError(
+                f"config.generator.kind={generator.kind!r} is invalid for the toy data: valid "
+                f"choices are {', '.join(map(repr, _TOY_GENERATOR_KINDS))}. Set it with "
+                "--config.generator.kind=mlp."
+            )
+    evaluation = config.get("eval")
+    if evaluation is not None:
+        for key in ("num_samples", "batch_size"):
+            if key in evaluation:
+                _require_int(config, f"eval.{key}", 1)
+
+
+__all__ = ["check_batch_divisible", "data_axis_size", "validate_config", "validate_method_keys"]
