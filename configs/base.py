@@ -100,4 +100,9 @@ def get_config():
     # model); batches split over 'data'. fsdp: split every state leaf along its largest
     # dimension over 'data' (ZeRO-3 style) instead of replicating it. See docs/scale.md.
     config.mesh = ml_collections.ConfigDict(dict(data=-1, model=1, fsdp=False))
+    # Metric writers besides metrics.jsonl: "tensorboard", "wandb" or both, comma-separated
+    # (didistill/train/writers.py); the wandb_* keys go to wandb.init ("" = wandb's default).
+    config.logging = ml_collections.ConfigDict(
+        dict(backends="", wandb_project="didistill", wandb_entity="", wandb_name="", wandb_mode="")
+    )
     return config

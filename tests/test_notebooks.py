@@ -104,3 +104,84 @@ def test_notebook_executes_in_small_settings(index, jupyter_path, tmp_path, monk
     setup = "".join(out.get("text", "") for out in nb.cells[1].outputs)
     assert "SMALL = True" in setup and str(tmp_path / "work") in setup
     assert (tmp_path / "work" / source.stem / "small").is_dir()
+
+
+# --- Colab: the repository address, the badges, notebooks/colab_setup.py ---------------------
+
+sys.path.insert(0, str(NOTEBOOK_DIR))
+import colab_setup  # noqa: E402
+
+
+def _setup_cfg():
+    import configparser
+
+    parser = configparser.ConfigParser()
+    parser.read(ROOT / "setup.cfg")
+    return parser
+
+
+REPO_URL = _setup_cfg()["metadata"]["url"]
+
+
+def colab_url(path: Path) -> str:
+    owner_repo = REPO_URL.removeprefix("https://github.com/")
+    return f"https://colab.research.google.com/github/{owner_repo}/blob/main/notebooks/{path.name}"
+
+
+def test_the_repository_address_is_setup_cfgs_url_everywhere():
+    for path in NOTEBOOKS:
+        setup = nbformat.read(path, as_version=4).cells[1].source
+        assert f'"DIDISTILL_REPO_URL", "{REPO_URL}"' in setup, path.name
+        assert "google.colab" in setup and "colab_setup.install(REPO)" in setup
+    for readme in (ROOT / "README.md", NOTEBOOK_DIR / "README.md"):
+        text = readme.read_text()
+        for path in NOTEBOOKS:
+            assert colab_url(path) in text, f"{readme.name}: no Open in Colab link for {path.name}"
+        assert "colab-badge.svg" in text
+        found = {u for u in text.split("(") if u.startswith("https://github.com/")}
+        assert all(u.startswith(REPO_URL) for u in found), found
+
+
+def test_colab_setup_knows_setup_cfgs_jax_range():
+    from packaging.requirements import Requirement
+
+    lines = _setup_cfg()["options"]["install_requires"].split("\n")
+    (jax,) = [Requirement(x) for x in lines if x.strip().startswith("jax")]
+    assert str(jax.specifier) == str(Requirement(f"jax{colab_setup.JAX_RANGE}").specifier)
+
+
+@pytest.mark.parametrize(
+    "accelerator,jax_version,target",
+    [
+        ("gpu", "0.7.2", "/r"),  # Colab's jax is allowed: kept, with its CUDA plugin
+        ("tpu", "0.10.2", "/r"),
+        (None, "0.7.2", "/r"),
+        ("gpu", "0.6.2", "/r[cuda12]"),  # too old: the CUDA build of an allowed jax
+        ("tpu", "0.11.0", "/r[tpu]"),  # too new
+        ("gpu", None, "/r[cuda12]"),  # no jax at all
+        (None, "0.6.0", "/r"),
+    ],
+)
+def test_colab_install_keeps_a_fitting_jax_or_installs_the_right_extra(
+    accelerator, jax_version, target
+):
+    assert colab_setup.install_target("/r", accelerator, jax_version) == target
+
+
+def test_cpu_only_warning_is_loud_only_when_an_accelerator_is_unused(monkeypatch):
+    assert colab_setup.cpu_only_warning("cpu", None) is None
+    assert colab_setup.cpu_only_warning("gpu", "gpu") is None
+    assert colab_setup.cpu_only_warning("tpu", "tpu") is None
+    message = colab_setup.cpu_only_warning("cpu", "gpu")
+    assert "has a GPU, but JAX runs on the CPU only" in message and "didistill[cuda12]" in message
+    assert "didistill[tpu]" in colab_setup.cpu_only_warning("cpu", "tpu")
+    monkeypatch.setattr(colab_setup, "runtime_accelerator", lambda: "gpu")
+    with pytest.warns(UserWarning, match="JAX runs on the CPU only"):
+        colab_setup.warn_if_cpu_only("cpu")
+
+
+def test_runtime_accelerator_from_the_environment(monkeypatch):
+    assert colab_setup.runtime_accelerator({"COLAB_TPU_ADDR": "10.0.0.2:8470"}) == "tpu"
+    monkeypatch.setattr(colab_setup.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    monkeypatch.setattr(colab_setup.glob, "glob", lambda pattern: [])
+    assert colab_setup.runtime_accelerator({}) == "gpu"

@@ -59,6 +59,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from didistill import compat
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -214,7 +216,7 @@ def fid_from_stats(stats, reference_stats, *, float64: bool = True) -> float:
     if not float64:
         args = [jnp.asarray(a, jnp.float32) for a in (mu1, sigma1, mu2, sigma2)]
         return float(frechet_distance(*args))
-    with jax.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):
+    with compat.enable_x64(True), jax.default_device(jax.devices("cpu")[0]):
         return float(frechet_distance(mu1, sigma1, mu2, sigma2))
 
 

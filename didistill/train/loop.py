@@ -54,7 +54,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from didistill.train import reporting, sharding
+from didistill.train import reporting, sharding, writers
 from didistill.train import workdir as workdir_lib
 from didistill.train.checkpoint import Checkpointer, Corrupt, Unreadable
 from didistill.train.errors import CheckpointError, ConfigError, NonFiniteError
@@ -136,7 +136,7 @@ class _Loop:
     """The stepping part of `train`, split into small methods sharing the run's objects."""
 
     def __init__(self, method, config, mesh, state_sharding, ckpt, writer, watcher):
-        self.method, self.tc = method, config.train
+        self.method, self.tc, self.config = method, config.train, config
         self.ckpt, self.writer, self.watcher = ckpt, writer, watcher
         self.replicated = sharding.replicated(mesh)
         self.batch_sharding = sharding.batch_sharding(mesh)
@@ -205,8 +205,10 @@ class _Loop:
         values = reporting.to_jsonable(jax.device_get(report))
         now = time.perf_counter()
         rate = (step - clock[1]) / max(now - clock[0], 1e-9)
-        self.writer.write(step, values)
-        self.last_line = {"step": step, **values}
+        extra = {"steps_per_sec": rate, "wall_time": time.time()}  # writers.TIMING_KEYS
+        line = {**values, **extra, **writers.learning_rates(self.config, step)}
+        self.writer.write(step, line)
+        self.last_line = {"step": step, **line}
         logger.info(
             "step %d/%d | %s | %.3g steps/s",
             step,
@@ -330,6 +332,8 @@ def train(method: Method, config, workdir: str) -> dict[str, Any]:
     older checkpoints, when the checkpoint resumed from is what produced them).
     """
     _, _, fsdp = check_config(config)
+    writers.backend_names(config)  # a bad config.logging.backends fails before any work
+    writers.show_info_logs()
     mesh = sharding.mesh_from_config(config.mesh)
     sharding.check_batch(method.global_batch_size, mesh)
     is_main = jax.process_index() == 0
@@ -384,7 +388,8 @@ def _train_locked(method: Method, config, workdir: str, mesh, fsdp: bool, is_mai
                     )
                 state, start = restored.state, restored.step
                 window_json = restored.meta.get("window")
-            writer = reporting.MetricsWriter(os.path.join(workdir, METRICS_FILE), start, is_main)
+            metrics_path = os.path.join(workdir, METRICS_FILE)
+            writer = writers.make_writers(config, workdir, metrics_path, start, is_main)
             try:
                 with PreemptionWatcher() as watcher:  # also covers the wait for the last save
                     loop = _Loop(method, config, mesh, state_sharding, ckpt, writer, watcher)

@@ -47,6 +47,7 @@ NEUTRAL_KEYS = (
     "mesh.data",  # device layout: same computation (last-bit rounding may differ)
     "mesh.model",
     "mesh.fsdp",
+    "logging",  # where metrics are also sent (TensorBoard, W&B)
     "fingerprint_ignore",
 )
 

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from didistill import compat
 from didistill.data import text
 from didistill.diffusion import masked
 from didistill.distill.teachers.supervised import supervised_method
@@ -158,7 +159,7 @@ def make_method(config) -> Method:
         )[: ecfg.num_samples]
         results.update({f"data/{k}": v for k, v in report(data, 0).items() if k != "nfe"})
         k_sample, k_nelbo = jax.random.split(key)
-        with jax.enable_x64(True) if ecfg.float64 else contextlib.nullcontext():
+        with compat.enable_x64(True) if ecfg.float64 else contextlib.nullcontext():
             for num_steps in ecfg.sample_steps:
                 tokens, nfe = sample(ema_params, jax.random.fold_in(k_sample, num_steps), num_steps)
                 results.update({f"steps{num_steps}/{k}": v for k, v in report(tokens, nfe).items()})
