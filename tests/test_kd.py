@@ -248,7 +248,7 @@ class TestKDMethod:
         new_state, metrics = jax.jit(method.step)(
             student_state, batch, jax.random.key(1), jnp.int32(0)
         )
-        assert set(metrics) == {"loss", "grad_norm", "kd", "ce", "accuracy"}
+        assert set(metrics) == {"loss", "grad_norm", "kd", "ce", "accuracy", "ema_decay"}
         assert all(np.isfinite(float(v)) for v in metrics.values()), metrics
         assert float(metrics["grad_norm"]) > 0
         assert jax.tree.structure(new_state) == jax.tree.structure(student_state)
