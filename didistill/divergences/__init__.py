@@ -10,7 +10,7 @@ Submodules imported on demand (they pull in ott-jax or are larger):
     balanced          BD-KD's entropy-balanced forward/reverse KL
     alignment         f-DPO, f-DPG and the DPH-RL penalty (model in the ratio's numerator)
 
-Convention (DESIGN.md section 1): p is the target (teacher), q the model (student), and every
+Convention (see docs/design.md): p is the target (teacher), q the model (student), and every
 function takes log_r = log p - log q. Nothing here imports the rest of didistill.
 """
 
