@@ -1,4 +1,5 @@
-"""Categorical (logit) divergences against scipy, closed forms and their defining identities."""
+"""Categorical (logit) divergences against scipy, closed forms and their defining identities;
+the generic f-divergence fallback against the closed forms; registering a new f-divergence."""
 
 import chex
 import hypothesis.extra.numpy as hnp
@@ -12,8 +13,12 @@ from jax.test_util import check_grads
 from scipy.spatial.distance import jensenshannon
 from scipy.special import log_softmax, rel_entr
 
-from didistill.divergences import categorical, categorical_names, get, names
-from didistill.divergences.categorical import KD_NAMES, categorical_from_log_probs
+from didistill.divergences import categorical, categorical_names, f_divergences, get, names
+from didistill.divergences.categorical import (
+    KD_NAMES,
+    categorical_from_log_probs,
+    categorical_generic,
+)
 
 SHAPE = (3, 6)  # [batch, vocabulary]
 SETTINGS = settings(max_examples=25, deadline=None)
@@ -39,7 +44,7 @@ def logit_arrays(lo=-8.0, hi=8.0):
 
 
 def generator(name, r, alpha=None):
-    """f(r) of DESIGN.md section 1, NumPy float64."""
+    """f(r) of the registry's table (`didistill.divergences.f_divergences`), NumPy float64."""
     return {
         "reverse_kl": lambda: -np.log(r),
         "forward_kl": lambda: r * np.log(r),
@@ -344,3 +349,146 @@ class VariantsTest(chex.TestCase):
             np.testing.assert_allclose(jax.vmap(fn)(p_logits, q_logits), got, rtol=1e-4)
             grad = self.variant(jax.grad(lambda z, fn=fn: fn(p_logits, z).sum()))(q_logits)
             assert np.all(np.isfinite(grad))
+
+
+F_IDS = [f"{n}{''.join(f'-{k}{v}' for k, v in p.items())}" for n, p in F_CASES]
+
+
+def _log_probs(p_logits, q_logits):
+    return jax.nn.log_softmax(p_logits), jax.nn.log_softmax(q_logits)
+
+
+def _check_agreement(div, p_logits, q_logits, rtol, atol):
+    """Generic and closed form: values, and gradients w.r.t. the student's logits (the closed
+    forms assume normalised inputs, so raw log-probability gradients may differ)."""
+    closed = lambda z: div.categorical(*_log_probs(p_logits, z))
+    generic = lambda z: categorical_generic(div, *_log_probs(p_logits, z))
+    want = closed(q_logits)
+    assert want.dtype == q_logits.dtype
+    np.testing.assert_allclose(generic(q_logits), want, rtol=rtol, atol=atol)
+    grad = lambda fn: jax.grad(lambda z: fn(z).sum())(q_logits)
+    atol_g = 10 * rtol * np.max(np.abs(grad(closed)))
+    np.testing.assert_allclose(grad(generic), grad(closed), rtol=10 * rtol, atol=atol_g)
+
+
+@pytest.fixture
+def generic_only(monkeypatch):
+    """The registry with every closed categorical form removed: all go through the fallback."""
+    for name, gen in list(f_divergences._REGISTRY.items()):
+        monkeypatch.setitem(f_divergences._REGISTRY, name, gen._replace(categorical=None))
+
+
+@pytest.mark.parametrize("name,params", F_CASES, ids=F_IDS)
+class TestGenericFallback:
+    """`categorical_generic` (sum_k q_k f(p_k/q_k) from the registry's f) against each closed
+    form: the closed forms are better conditioned, not different."""
+
+    @pytest.mark.parametrize("scale", [0.5, 3.0, 8.0])
+    def test_agrees_with_the_closed_form(self, name, params, scale):
+        div = get(name, **params)
+        rng = np.random.default_rng(12)
+        p64, q64 = rng.normal(size=(20, 7)) * scale, rng.normal(size=(20, 7)) * scale
+        for dtype, rtol, atol in ((np.float32, 1e-4, 1e-6), (np.float64, 1e-11, 1e-14)):
+            with jax.enable_x64(dtype == np.float64):
+                _check_agreement(div, jnp.asarray(p64, dtype), jnp.asarray(q64, dtype), rtol, atol)
+
+    def test_zero_limits_masks_and_extremes(self, name, params):
+        """p_k = q_k = 0 adds 0 (finite gradients), q_k = 0 < p_k adds p_k f'(inf), p_k = 0 < q_k
+        adds q_k f(0), as in the closed forms; huge logits never give NaN."""
+        div = get(name, **params)
+        inf = jnp.inf
+        p_logits = jnp.array([[0.0, -inf, -inf, -1.0], [0.0, 1.0, -inf, 2.0]])
+        q_logits = jnp.array([[-inf, 0.0, -inf, -1.0], [1.0, 0.0, -inf, 0.5]])
+        log_p, log_q = _log_probs(p_logits, q_logits)
+        np.testing.assert_allclose(
+            categorical_generic(div, log_p, log_q), div.categorical(log_p, log_q), rtol=1e-5
+        )
+        grad = jax.grad(lambda z: categorical_generic(div, log_p, jax.nn.log_softmax(z))[1])
+        assert np.all(np.isfinite(grad(q_logits)[1]))  # row 1: one masked entry, finite value
+        rng = np.random.default_rng(13)
+        big = jnp.asarray(rng.choice([-1e4, 1e4, 0.0], size=SHAPE), jnp.float32)
+        log_p, log_q = _log_probs(big, jnp.roll(big, 1, axis=-1))
+        value = categorical_generic(div, log_p, log_q)
+        assert not np.any(np.isnan(value))
+        if name not in ("forward_kl", "jeffreys"):  # f(r) overflows where p log r does not
+            np.testing.assert_allclose(value, div.categorical(log_p, log_q), rtol=1e-5)
+        grad = jax.grad(lambda z: categorical_generic(div, log_p, jax.nn.log_softmax(z)).sum())
+        finite_rows = np.isfinite(np.asarray(value))  # rows of value +inf may have NaN grads
+        assert not np.any(np.isnan(grad(jnp.roll(big, 1, axis=-1))[finite_rows]))
+
+    def test_oracle_and_gradients_without_closed_forms(self, name, params, generic_only):
+        rng = np.random.default_rng(14)
+        p_logits, q_logits = rng.normal(size=SHAPE) * 3, rng.normal(size=SHAPE) * 3
+        want = oracle(name, probs(p_logits), probs(q_logits), **params)
+        np.testing.assert_allclose(
+            value64(name, p_logits, q_logits, **params), want, rtol=1e-10, atol=1e-13
+        )
+        got32 = categorical(name, jnp.asarray(p_logits, jnp.float32), q_logits, **params)
+        np.testing.assert_allclose(got32, want, rtol=2e-3, atol=2e-5)
+        with jax.enable_x64(True):
+            v, z = jnp.asarray(p_logits), jnp.asarray(q_logits)
+            fn = lambda v, z: categorical(name, v, z, temperature=1.5, **params)
+            check_grads(fn, (v, z), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+
+
+def _triangular_f(l):
+    """Triangular discrimination (Vincze-Le Cam): f(r) = (r - 1)^2 / (r + 1) = (r - 1) tanh(l/2);
+    f(0) = 1 at l = -inf, f'(inf) = 1."""
+    return jnp.expm1(l) * jnp.tanh(0.5 * l)
+
+
+def _unused(*args, **kwargs):
+    raise NotImplementedError
+
+
+TRIANGULAR = f_divergences._Generator(
+    f=_triangular_f,
+    f_prime=lambda l: jnp.tanh(0.5 * l) * (1.0 + 2.0 * jax.nn.sigmoid(-l)),
+    weight=None,
+    log_weight=None,
+    conjugate=_unused,
+    activation=_unused,
+    conjugate_activation=_unused,
+)
+
+
+@pytest.fixture
+def triangular(monkeypatch):
+    """A test-local f-divergence, registered the way a new one is: one registry entry."""
+    monkeypatch.setitem(f_divergences._REGISTRY, "triangular", TRIANGULAR)
+    return lambda p, q: np.sum((p - q) ** 2 / (p + q), axis=-1)
+
+
+class TestRegisteringAnFDivergence:
+    def test_categorical(self, triangular):
+        assert "triangular" in names() and "triangular" in categorical_names()
+        rng = np.random.default_rng(15)
+        p_logits, q_logits = rng.normal(size=SHAPE) * 3, rng.normal(size=SHAPE) * 3
+        want = triangular(probs(p_logits), probs(q_logits))
+        np.testing.assert_allclose(value64("triangular", p_logits, q_logits), want, rtol=1e-12)
+        got = categorical("triangular", p_logits, q_logits, temperature=2.0)
+        np.testing.assert_allclose(got, triangular(probs(p_logits, 2), probs(q_logits, 2)), 1e-5)
+        disjoint = categorical("triangular", jnp.array([0.0, -jnp.inf]), jnp.array([-jnp.inf, 0.0]))
+        np.testing.assert_allclose(disjoint, 2.0)  # p f'(inf) + q f(0) = 1 + 1
+        with jax.enable_x64(True):
+            v, z = jnp.asarray(p_logits), jnp.asarray(q_logits)
+            fn = lambda v, z: categorical("triangular", v, z)
+            check_grads(fn, (v, z), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+        with pytest.raises(ValueError, match="no parameters"):
+            categorical("triangular", p_logits, q_logits, alpha=0.5)
+
+    def test_kd_and_step_halving(self, triangular):
+        from didistill.distill import kd
+        from didistill.distill.discrete import step_halving
+
+        rng = np.random.default_rng(16)
+        z, v = rng.normal(size=SHAPE).astype(np.float32), rng.normal(size=SHAPE).astype(np.float32)
+        loss = kd.make_kd_loss("triangular", temperature=2.0)
+        want = 4.0 * np.mean(triangular(probs(v, 2), probs(z, 2)))
+        np.testing.assert_allclose(loss(z, v), want, rtol=1e-5)
+        assert np.all(np.isfinite(jax.grad(loss)(jnp.asarray(z), v)))
+        log_tau, log_student = _log_probs(v, z)
+        value, count = step_halving.divergence_loss(
+            "triangular", log_tau, log_student, jnp.ones(SHAPE[:1], bool)
+        )
+        np.testing.assert_allclose(value, np.mean(triangular(probs(v), probs(z))), rtol=1e-5)

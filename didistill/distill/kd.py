@@ -15,7 +15,7 @@ against the hard-label term (taken at T = 1) as T changes. The argument is about
 the same s(T) to every divergence so that T means one thing across a table. (Practice varies:
 DistiLLM and TRL's GKD loss use no T^2; SinKD fixes T = 2.)
 
-`kd.divergence` (p = teacher is the target, q = student the model, as everywhere in the library):
+`kd.divergence` (p = teacher is the target, q = student the model; docs/design.md):
 - every registered f-divergence D_f(p || q) = sum_k q_k f(p_k / q_k): forward_kl = KL(p || q)
   (mass-covering), reverse_kl = KL(q || p) (mode-seeking), jensen_shannon, total_variation,
   squared_hellinger, jeffreys, pearson_chi2, neyman_chi2, softened_reverse_kl, alpha;
@@ -53,8 +53,43 @@ from didistill.divergences.transport import sinkd_loss
 from didistill.nets.classifier import CLASSIFIER_FILE, load_classifier
 from didistill.train.method import Method
 
-_EXTRA_PARAMS = {"bdkd": ("high", "low"), "sinkd": ("epsilon", "num_iterations")}
-KD_DIVERGENCES = categorical_names() + tuple(_EXTRA_PARAMS)
+
+def _sinkd_params(params: dict) -> dict:
+    params["num_iterations"] = int(params.get("num_iterations", 20))  # static
+    if not (params.get("epsilon", 0.1) > 0 and params["num_iterations"] >= 1):
+        raise ValueError(f"sinkd needs epsilon > 0 and num_iterations >= 1: {params}")
+    return params
+
+
+# KD losses on a whole batch that are not per-sample categorical divergences: name ->
+# (allowed params, validate(params) -> params, loss(z, v, T, **params) before the T^2 factor).
+_BATCH_LOSSES = {
+    "bdkd": (  # bdkd_student_loss applies T^2 itself
+        ("high", "low"),
+        dict,
+        lambda z, v, t, **kw: jnp.mean(bdkd_student_loss(z, v, temperature=t, **kw)) / t**2,
+    ),
+    "sinkd": (
+        ("epsilon", "num_iterations"),
+        _sinkd_params,
+        lambda z, v, t, **kw: sinkd_loss(z, v, temperature=t, **kw) / z.shape[0],
+    ),
+}
+KD_DIVERGENCES = categorical_names() + tuple(_BATCH_LOSSES)
+
+
+def _categorical_loss(divergence: str):
+    """The `_BATCH_LOSSES` entry of a `categorical` divergence (f-divergence or logit-KD loss):
+    the batch mean of D(p_i || q_i); its parameters are validated on a dummy pair."""
+
+    def validate(params):  # raises the divergence's own errors
+        categorical(divergence, jnp.zeros((1, 2)), jnp.zeros((1, 2)), **params)
+        return params
+
+    def loss(z, v, t, **params):
+        return jnp.mean(categorical(divergence, v, z, temperature=t, **params))
+
+    return None, validate, loss
 
 
 def make_kd_loss(divergence: str, temperature: float = 1.0, t2_scaling: bool = True, **params):
@@ -62,34 +97,21 @@ def make_kd_loss(divergence: str, temperature: float = 1.0, t2_scaling: bool = T
     of D(softmax(v / T) || softmax(z / T)) times T^2 (if `t2_scaling`), see the module
     docstring. The teacher's gradient is stopped. Raises ValueError for an unknown divergence
     (listing `KD_DIVERGENCES`), bad parameters, or T <= 0."""
-    if divergence not in KD_DIVERGENCES:
-        raise ValueError(
-            f"unknown KD divergence {divergence!r}; valid: {', '.join(KD_DIVERGENCES)}"
-        )
+    valid = categorical_names() + tuple(_BATCH_LOSSES)  # the live registries
+    if divergence not in valid:
+        raise ValueError(f"unknown KD divergence {divergence!r}; valid: {', '.join(valid)}")
     if not float(temperature) > 0:
         raise ValueError(f"KD temperature must be > 0, got {temperature}")
     t = float(temperature)
     scale = t**2 if t2_scaling else 1.0
-    if divergence in _EXTRA_PARAMS:
-        allowed = _EXTRA_PARAMS[divergence]
-        if set(params) - set(allowed):
-            raise ValueError(f"{divergence} takes {', '.join(allowed)}; got {sorted(params)}")
-        if divergence == "sinkd":
-            params["num_iterations"] = int(params.get("num_iterations", 20))  # static
-            if not (params.get("epsilon", 0.1) > 0 and params["num_iterations"] >= 1):
-                raise ValueError(f"sinkd needs epsilon > 0 and num_iterations >= 1: {params}")
-    else:  # validates the parameters (and raises their errors) once, on a dummy pair
-        categorical(divergence, jnp.zeros((1, 2)), jnp.zeros((1, 2)), **params)
+    allowed, validate, per_batch = _BATCH_LOSSES.get(divergence) or _categorical_loss(divergence)
+    if allowed is not None and set(params) - set(allowed):
+        raise ValueError(f"{divergence} takes {', '.join(allowed)}; got {sorted(params)}")
+    params = validate(params)
 
-    def per_batch(z, v):  # [B, K], [B, K] -> []
-        if divergence == "bdkd":  # bdkd_student_loss applies T^2 itself
-            return jnp.mean(bdkd_student_loss(z, v, temperature=t, **params)) / t**2
-        if divergence == "sinkd":
-            return sinkd_loss(z, v, temperature=t, **params) / z.shape[0]
-        return jnp.mean(categorical(divergence, v, z, temperature=t, **params))
-
-    def loss(student_logits, teacher_logits):
-        return scale * per_batch(student_logits, jax.lax.stop_gradient(teacher_logits))
+    def loss(student_logits, teacher_logits):  # [B, K], [B, K] -> []
+        teacher_logits = jax.lax.stop_gradient(teacher_logits)
+        return scale * per_batch(student_logits, teacher_logits, t, **params)
 
     return loss
 

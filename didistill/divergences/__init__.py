@@ -11,7 +11,7 @@ Submodules imported on demand (they pull in ott-jax or are larger):
     alignment         f-DPO, f-DPG and the DPH-RL penalty (model in the ratio's numerator)
     unlearning        FLAT (variational f-divergence, template vs forget answers) and NPO
 
-Convention (DESIGN.md section 1): p is the target (teacher), q the model (student), and every
+Convention (see docs/design.md): p is the target (teacher), q the model (student), and every
 function takes log_r = log p - log q. Nothing here imports the rest of didistill.
 """
 

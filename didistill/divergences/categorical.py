@@ -4,23 +4,17 @@ p = softmax(p_logits / T) is the teacher (target), q = softmax(q_logits / T) the
 a = log p, b = log q are computed with log_softmax in at least float32. Every divergence is
 reduced (summed) over `axis`, so [B, L, V] logits give [B, L] values.
 
-f-divergences (`f_divergences.names()`): D_f(p || q) = sum_k q_k f(p_k / q_k), written so each
-term stays finite when probabilities underflow (a_k or b_k very negative or -inf):
-
-    reverse_kl           sum q (b - a)                  forward_kl   sum p (a - b)
-    jensen_shannon       [sum p (a - m) + q (b - m)]/2, m = log((p + q)/2)
-    squared_hellinger    -expm1(logsumexp((a + b)/2))   = 1 - sum sqrt(p q)
-    jeffreys             forward_kl + reverse_kl
-    pearson_chi2         expm1(logsumexp(2a - b))       = sum p^2/q - 1
-    neyman_chi2          expm1(logsumexp(2b - a))
-    total_variation      sum |p - q| / 2
-    softened_reverse_kl  2 sum M (log M - a), M = (p + q)/2, i.e. 2 KL(M || p)
-    alpha                expm1(logsumexp(alpha a + (1 - alpha) b)) / (alpha (alpha - 1))
-
+f-divergences (`f_divergences.names()`): D_f(p || q) = sum_k q_k f(p_k / q_k). The form of
+each lives in the f-divergence registry (`f_divergences`): a closed form where one is better
+conditioned (forward/reverse KL, Jensen-Shannon, chi^2, alpha, ..., listed there), else the
+generic `categorical_generic`, built from the registry's f(log_r) in log space with the limits
+p_k = 0 (q_k f(0)) and q_k = 0 (p_k f'(inf)). Registering an f-divergence therefore makes it
+available here, in KD (`didistill.distill.kd`) and in step halving without further changes.
 A term with p_k = q_k = 0 (both logits -inf, a masked vocabulary entry) contributes 0, with
 finite gradients; a term with p_k > 0 = q_k makes forward KL +inf, as it should.
 
-Logit-KD losses that are not f-divergences:
+Logit-KD losses that are not f-divergences, registered in the table `_LOSSES` (name -> function
+of (log p, log q, axis, **params), parameter defaults, range):
 - `skew_kl` (DistiLLM, Ko et al. 2024): KL(p || alpha p + (1 - alpha) q), alpha in [0, 1]
   (default 0.1); bounded by -log alpha; alpha = 0 is forward_kl.
 - `skew_reverse_kl`: KL(q || alpha q + (1 - alpha) p); alpha = 0 is reverse_kl.
@@ -49,71 +43,25 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.special import logsumexp
 
-from didistill.divergences.f_divergences import LOG2, FDivergence, names, resolve
-
-KD_NAMES = ("skew_kl", "skew_reverse_kl", "generalized_jsd", "alpha_beta")
-_KD_PARAMS = {
-    "skew_kl": {"alpha": 0.1},
-    "skew_reverse_kl": {"alpha": 0.1},
-    "generalized_jsd": {"beta": 0.5},
-    "alpha_beta": {"alpha": None, "beta": None},  # required
-}
-
-
-def _weighted(log_w, d):
-    """sum-term e^log_w * d with 0 wherever e^log_w = 0 (0 * inf = 0, finite gradients)."""
-    zero = log_w == -jnp.inf
-    return jnp.where(zero, 0.0, jnp.exp(log_w) * jnp.where(zero, 0.0, d))
-
-
-def _kl(a, b, axis):
-    """KL(e^a || e^b) = sum e^a (a - b)."""
-    return jnp.sum(_weighted(a, a - b), axis=axis)
-
-
-def _expm1_lse(arg, axis):
-    return jnp.expm1(logsumexp(arg, axis=axis))
-
-
-def _f_divergence(div: FDivergence, a, b, axis):
-    both_zero = (a == -jnp.inf) & (b == -jnp.inf)
-    a_s, b_s = jnp.where(both_zero, 0.0, a), jnp.where(both_zero, 0.0, b)
-    name = div.name
-    if name == "reverse_kl":
-        return _kl(b, a, axis)
-    if name == "forward_kl":
-        return _kl(a, b, axis)
-    if name == "jeffreys":
-        return _kl(a, b, axis) + _kl(b, a, axis)
-    if name in ("jensen_shannon", "softened_reverse_kl"):
-        m = jnp.logaddexp(a_s, b_s) - LOG2  # log of the mid-point mixture
-        m = jnp.where(both_zero, -jnp.inf, m)
-        if name == "softened_reverse_kl":
-            return 2.0 * jnp.sum(_weighted(m, m - a), axis=axis)
-        return 0.5 * jnp.sum(_weighted(a, a - m) + _weighted(b, b - m), axis=axis)
-    if name == "squared_hellinger":
-        return -_expm1_lse(0.5 * (a + b), axis)
-    if name == "pearson_chi2":
-        return _expm1_lse(jnp.where(a == -jnp.inf, -jnp.inf, 2.0 * a_s - b_s), axis)
-    if name == "neyman_chi2":
-        return _expm1_lse(jnp.where(b == -jnp.inf, -jnp.inf, 2.0 * b_s - a_s), axis)
-    if name == "total_variation":
-        return 0.5 * jnp.sum(jnp.abs(jnp.exp(a) - jnp.exp(b)), axis=axis)
-    if name == "alpha":
-        alpha = dict(div.params)["alpha"]
-        arg = jnp.where(both_zero, -jnp.inf, alpha * a_s + (1.0 - alpha) * b_s)
-        return _expm1_lse(arg, axis) / (alpha * (alpha - 1.0))
-    raise AssertionError(name)  # every registered name is handled above
+from didistill.divergences.f_divergences import (
+    FDivergence,
+    _drop_both_zero,
+    _kl,
+    _weighted,
+    categorical_generic,
+    names,
+    resolve,
+)
 
 
 def _alpha_beta(a, b, axis, alpha: float, beta: float):
-    both_zero = (a == -jnp.inf) & (b == -jnp.inf)
-    a, b = jnp.where(both_zero, 0.0, a), jnp.where(both_zero, 0.0, b)
+    both_zero, a, b = _drop_both_zero(a, b)
     s = alpha + beta
     if alpha == 0.0 and beta == 0.0:
         term = 0.5 * jnp.square(a - b)
@@ -147,14 +95,15 @@ def _kl_to_mixture(lx, ly, w: float, axis):
     return jnp.sum(_weighted(lx, -jnp.logaddexp(log_w, log_1mw + d)), axis=axis)
 
 
-def _kd(name: str, a, b, axis, params: dict):
-    if name == "skew_kl":  # KL(p || alpha p + (1 - alpha) q)
-        return _kl_to_mixture(a, b, params["alpha"], axis)
-    if name == "skew_reverse_kl":  # KL(q || alpha q + (1 - alpha) p)
-        return _kl_to_mixture(b, a, params["alpha"], axis)
-    if name == "alpha_beta":
-        return _alpha_beta(a, b, axis, params["alpha"], params["beta"])
-    beta = params["beta"]  # generalized_jsd, M = beta p + (1 - beta) q
+def _skew_kl(a, b, axis, alpha: float):  # KL(p || alpha p + (1 - alpha) q)
+    return _kl_to_mixture(a, b, alpha, axis)
+
+
+def _skew_reverse_kl(a, b, axis, alpha: float):  # KL(q || alpha q + (1 - alpha) p)
+    return _kl_to_mixture(b, a, alpha, axis)
+
+
+def _generalized_jsd(a, b, axis, beta: float):  # M = beta p + (1 - beta) q
     if beta == 0.0:
         return _kl(a, b, axis)
     if beta == 1.0:
@@ -164,21 +113,47 @@ def _kd(name: str, a, b, axis, params: dict):
     return kl_p_m / (1.0 - beta) + kl_q_m / beta
 
 
-def _kd_params(name: str, params: dict) -> dict:
-    spec = _KD_PARAMS[name]
+class _Loss(NamedTuple):
+    """A categorical divergence that is not an f-divergence: fn(log_p, log_q, axis, **params)
+    reduced over axis; params name -> default (None: required, `hint` says typical values);
+    unit_interval: every parameter must lie in [0, 1]."""
+
+    fn: Callable
+    params: dict[str, float | None]
+    unit_interval: bool = True
+    hint: str = ""
+
+
+_LOSSES: dict[str, _Loss] = {
+    "skew_kl": _Loss(_skew_kl, {"alpha": 0.1}),
+    "skew_reverse_kl": _Loss(_skew_reverse_kl, {"alpha": 0.1}),
+    "generalized_jsd": _Loss(_generalized_jsd, {"beta": 0.5}),
+    "alpha_beta": _Loss(
+        _alpha_beta,
+        {"alpha": None, "beta": None},
+        unit_interval=False,
+        hint="ABKD scripts use alpha=0.2, beta=0.7",
+    ),
+}
+KD_NAMES = tuple(_LOSSES)
+
+
+def _loss_params(name: str, params: dict) -> dict:
+    loss = _LOSSES[name]
+    spec = loss.params
     if set(params) - set(spec):
         raise ValueError(f"{name} takes {', '.join(spec)}; got {sorted(params)}")
     out = {}
     for key, default in spec.items():
         value = params.get(key, default)
         if value is None:
-            raise ValueError(f"{name} needs {key} (ABKD scripts use alpha=0.2, beta=0.7)")
+            raise ValueError(f"{name} needs {key} ({loss.hint})")
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ValueError(f"{name}: {key} must be a real Python number, got {value!r}")
         value = float(value)
         if not math.isfinite(value):
             raise ValueError(f"{name}: {key} must be finite, got {value}")
-        if name != "alpha_beta" and not 0.0 <= value <= 1.0:
+        if loss.unit_interval and not 0.0 <= value <= 1.0:
             raise ValueError(f"{name}: {key} must lie in [0, 1], got {value}")
         out[key] = value
     return out
@@ -204,11 +179,11 @@ def categorical_from_log_probs(name: FDivergence | str, log_p, log_q, axis=-1, *
       the divergence, reduced over `axis`.
     """
     a, b = _as_float(log_p), _as_float(log_q)
-    if isinstance(name, str) and name in KD_NAMES:
-        return _kd(name, a, b, axis, _kd_params(name, params))
+    if isinstance(name, str) and name in _LOSSES:
+        return _LOSSES[name].fn(a, b, axis, **_loss_params(name, params))
     if isinstance(name, str) and name not in names():
         raise ValueError(f"unknown divergence {name!r}; valid: {', '.join(categorical_names())}")
-    return _f_divergence(resolve(name, **params), a, b, axis)
+    return resolve(name, **params).categorical(a, b, axis)
 
 
 def categorical(name: FDivergence | str, p_logits, q_logits, axis=-1, temperature=1.0, **params):
@@ -232,4 +207,10 @@ def categorical(name: FDivergence | str, p_logits, q_logits, axis=-1, temperatur
     return categorical_from_log_probs(name, log_p, log_q, axis=axis, **params)
 
 
-__all__ = ["KD_NAMES", "categorical", "categorical_from_log_probs", "categorical_names"]
+__all__ = [
+    "KD_NAMES",
+    "categorical",
+    "categorical_from_log_probs",
+    "categorical_generic",
+    "categorical_names",
+]

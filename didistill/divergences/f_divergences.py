@@ -1,7 +1,7 @@
 """The f-divergence registry: generators in log-ratio form, their weights and conjugates.
 
-Convention (DESIGN.md section 1): p is the target (teacher), q the model (student),
-`D_f(p || q) = E_q[f(p/q)]` with f convex and f(1) = 0. Every function takes
+Convention (the library's, see docs/design.md): p is the target (teacher), q the model
+(student), `D_f(p || q) = E_q[f(p/q)]` with f convex and f(1) = 0. Every function takes
 `log_r = log p - log q` and works in log space (expm1, log1p, softplus, sigmoid) so that
 `|log_r| <= 50` stays finite in float32 wherever the exact value is representable.
 
@@ -45,6 +45,27 @@ are carried over to this project's constants with (c f)*(t) = c f*(t/c) and
 Each generator also provides `conjugate_activation(v) = f*(g(v))` in a closed, stable form
 (e.g. (softplus(v) - log 2)/2 for jensen_shannon), used by the variational bound.
 
+Categorical forms. Between categorical distributions, D_f(p || q) = sum_k q_k f(p_k / q_k)
+is computed by `didistill.divergences.categorical` from log-probabilities a = log p, b = log q.
+An entry without a `categorical` closed form gets the generic one (`categorical_generic`,
+built from `f` alone, with the limits f(0) = f(log_r = -inf) and f'(inf) = f_prime(+inf));
+the closed forms below are better conditioned (no overflow of f(r) where q f(p/q) is finite,
+sums through logsumexp) and are what these names have always computed:
+
+    reverse_kl           sum q (b - a)                  forward_kl   sum p (a - b)
+    jensen_shannon       [sum p (a - m) + q (b - m)]/2, m = log((p + q)/2)
+    squared_hellinger    -expm1(logsumexp((a + b)/2))   = 1 - sum sqrt(p q)
+    jeffreys             forward_kl + reverse_kl
+    pearson_chi2         expm1(logsumexp(2a - b))       = sum p^2/q - 1
+    neyman_chi2          expm1(logsumexp(2b - a))
+    total_variation      sum |p - q| / 2
+    softened_reverse_kl  2 sum M (log M - a), M = (p + q)/2, i.e. 2 KL(M || p)
+    alpha                expm1(logsumexp(alpha a + (1 - alpha) b)) / (alpha (alpha - 1))
+
+Each keeps every term finite when probabilities underflow (a_k or b_k very negative or -inf):
+a term with p_k = q_k = 0 (a masked vocabulary entry) contributes 0 with finite gradients; a
+term with p_k > 0 = q_k makes forward KL +inf, as it should.
+
 Overflow: beyond float32 range the exact value is returned as +-inf (e.g. pearson_chi2 at
 log_r = 50 is e^100); never NaN for finite inputs. Gradients are finite wherever the value
 and the derivative are representable. Style after TFP `vi.csiszar_divergence`.
@@ -60,6 +81,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.scipy.special import logsumexp
 
 LOG2 = math.log(2.0)
 _NEWTON_STEPS = 10
@@ -205,8 +227,117 @@ def _alpha_conjugate_activation(v, alpha):
     return jnp.expm1(alpha / (alpha - 1.0) * log_y) / alpha
 
 
+# ------------------------------------------------------- categorical forms, log-probabilities
+
+
+def _weighted(log_w, d):
+    """sum-term e^log_w * d with 0 wherever e^log_w = 0 (0 * inf = 0, finite gradients)."""
+    zero = log_w == -jnp.inf
+    return jnp.where(zero, 0.0, jnp.exp(log_w) * jnp.where(zero, 0.0, d))
+
+
+def _kl(a, b, axis):
+    """KL(e^a || e^b) = sum e^a (a - b)."""
+    return jnp.sum(_weighted(a, a - b), axis=axis)
+
+
+def _expm1_lse(arg, axis):
+    return jnp.expm1(logsumexp(arg, axis=axis))
+
+
+def _drop_both_zero(a, b):
+    """(mask of p_k = q_k = 0, a and b with 0 there): masked entries feed nothing non-finite."""
+    both_zero = (a == -jnp.inf) & (b == -jnp.inf)
+    return both_zero, jnp.where(both_zero, 0.0, a), jnp.where(both_zero, 0.0, b)
+
+
+def _log_mid(a, b):
+    """m = log((p + q)/2), -inf where p = q = 0."""
+    both_zero, a_s, b_s = _drop_both_zero(a, b)
+    return jnp.where(both_zero, -jnp.inf, jnp.logaddexp(a_s, b_s) - LOG2)
+
+
+def _js_categorical(a, b, axis):
+    m = _log_mid(a, b)
+    return 0.5 * jnp.sum(_weighted(a, a - m) + _weighted(b, b - m), axis=axis)
+
+
+def _srkl_categorical(a, b, axis):
+    m = _log_mid(a, b)
+    return 2.0 * jnp.sum(_weighted(m, m - a), axis=axis)
+
+
+def _chi2_categorical(a, b, axis):
+    """sum e^(2a - b) - 1 (pearson_chi2; neyman_chi2 with a and b swapped); p_k = 0 adds 0."""
+    _, a_s, b_s = _drop_both_zero(a, b)
+    return _expm1_lse(jnp.where(a == -jnp.inf, -jnp.inf, 2.0 * a_s - b_s), axis)
+
+
+def _alpha_categorical(a, b, axis, alpha):
+    both_zero, a_s, b_s = _drop_both_zero(a, b)
+    arg = jnp.where(both_zero, -jnp.inf, alpha * a_s + (1.0 - alpha) * b_s)
+    return _expm1_lse(arg, axis) / (alpha * (alpha - 1.0))
+
+
+def _weighted_unless_underflow(log_w, d):
+    """e^log_w * d, with 0 wherever e^log_w rounds to 0 (also for d = +-inf)."""
+    return _weighted(jnp.where(jnp.exp(log_w) == 0, -jnp.inf, log_w), d)
+
+
+def _limits(div: FDivergence, dtype):
+    """(f(0), f'(inf)): f at log_r = -inf (at the most negative float where that gives NaN,
+    e.g. l e^l) and f_prime at log_r = +inf. f'(inf) = lim f(r)/r, by convexity."""
+    f0 = div.f(jnp.asarray(-jnp.inf, dtype))
+    f0 = jnp.where(jnp.isnan(f0), div.f(jnp.asarray(jnp.finfo(dtype).min, dtype)), f0)
+    return f0, div.f_prime(jnp.asarray(jnp.inf, dtype))
+
+
+def categorical_generic(divergence: FDivergence, log_p, log_q, axis=-1):
+    """D_f(p || q) = sum_k q_k f(p_k / q_k) from log-probabilities, using `f` alone: the
+    categorical form of every f-divergence without a closed form in the registry.
+
+    With l = log p_k - log q_k, each term is max(p_k, q_k) g(l) with g(l) = f(r) for r <= 1
+    and f(r)/r for r > 1 (so the weight is the larger probability, never one that underflows
+    first). The zero limits, as in the closed forms: p_k = q_k = 0 adds 0; q_k = 0 < p_k adds
+    p_k f'(inf) (+inf for forward KL, p_k/2 for total variation); p_k = 0 < q_k adds q_k f(0).
+    Where f(r) itself overflows, g takes the same limits (f(r)/r -> f'(inf), f(r) -> f(0)), and
+    terms whose weight underflows to 0 add 0; values and gradients are never NaN for finite or
+    -inf inputs. A closed form is better conditioned where f overflows but q f(p/q) does not
+    (forward KL at |l| > ~88 in float32: p l is finite, here +inf).
+
+    Args:
+      divergence: an FDivergence (its `f` must return f(0) at log_r = -inf, or at the most
+        negative float, and its `f_prime` f'(inf) = lim f(r)/r at log_r = +inf).
+      log_p, log_q: [..., V, ...] floating log-probabilities, the same shape.
+    Returns:
+      the divergence, reduced over `axis`.
+    """
+    a, b = jnp.asarray(log_p), jnp.asarray(log_q)
+    a_zero, b_zero = a == -jnp.inf, b == -jnp.inf
+    finite = ~(a_zero | b_zero)
+    log_r = jnp.where(finite, a - b, 0.0)
+    above = log_r > 0
+    ok = jnp.isfinite(divergence.f(jax.lax.stop_gradient(log_r)))  # f(r) representable
+    l = jnp.where(ok, log_r, 0.0)  # safe inputs keep the gradients of unused branches finite
+    f_l = divergence.f(l)
+    g = jnp.where(above, f_l * jnp.exp(-jnp.where(above, l, 0.0)), f_l)
+    f0, slope = _limits(divergence, log_r.dtype)
+    g = jnp.where(ok, g, jnp.where(above, slope, f0))
+    terms = (
+        _weighted_unless_underflow(jnp.where(finite, jnp.where(above, a, b), -jnp.inf), g)
+        + _weighted_unless_underflow(jnp.where(b_zero & ~a_zero, a, -jnp.inf), slope)
+        + _weighted_unless_underflow(jnp.where(a_zero & ~b_zero, b, -jnp.inf), f0)
+    )
+    return jnp.sum(terms, axis=axis)
+
+
+# ------------------------------------------------------------------------------- the registry
+
+
 class _Generator(NamedTuple):
-    """Elementwise functions of one f; all take (array, **params)."""
+    """Elementwise functions of one f; all take (array, **params). `categorical`, if given, is
+    the closed categorical form (log_p, log_q, axis, **params) -> D_f reduced over axis; None
+    uses `categorical_generic`."""
 
     f: Callable
     f_prime: Callable
@@ -216,6 +347,7 @@ class _Generator(NamedTuple):
     activation: Callable
     conjugate_activation: Callable
     params: tuple[str, ...] = ()
+    categorical: Callable | None = None
 
 
 _exp, _sp, _L = jnp.exp, jax.nn.softplus, _log_half_one_plus_exp
@@ -229,6 +361,7 @@ _REGISTRY: dict[str, _Generator] = {
         conjugate=_rkl_conjugate,
         activation=lambda v: -_exp(-v),
         conjugate_activation=lambda v: v - 1.0,
+        categorical=lambda a, b, axis: _kl(b, a, axis),
     ),
     "forward_kl": _Generator(
         f=lambda l: l * _exp(l),
@@ -238,6 +371,7 @@ _REGISTRY: dict[str, _Generator] = {
         conjugate=lambda t: _exp(t - 1.0),
         activation=lambda v: v,
         conjugate_activation=lambda v: _exp(v - 1.0),
+        categorical=_kl,
     ),
     "jensen_shannon": _Generator(
         f=_js_f,
@@ -247,6 +381,7 @@ _REGISTRY: dict[str, _Generator] = {
         conjugate=_js_conjugate,
         activation=lambda v: 0.5 * (LOG2 - _sp(-v)),
         conjugate_activation=lambda v: 0.5 * (_sp(v) - LOG2),
+        categorical=_js_categorical,
     ),
     "squared_hellinger": _Generator(
         f=lambda l: -jnp.expm1(0.5 * l),
@@ -256,6 +391,7 @@ _REGISTRY: dict[str, _Generator] = {
         conjugate=_hellinger_conjugate,
         activation=lambda v: -0.5 * _exp(-v),
         conjugate_activation=lambda v: 0.5 * _exp(v) - 1.0,
+        categorical=lambda a, b, axis: -_expm1_lse(0.5 * (a + b), axis),
     ),
     "jeffreys": _Generator(
         f=lambda l: l * jnp.expm1(l),
@@ -265,6 +401,7 @@ _REGISTRY: dict[str, _Generator] = {
         conjugate=_jeffreys_conjugate,
         activation=lambda v: v,
         conjugate_activation=_jeffreys_conjugate,
+        categorical=lambda a, b, axis: _kl(a, b, axis) + _kl(b, a, axis),
     ),
     "pearson_chi2": _Generator(
         f=lambda l: jnp.square(jnp.expm1(l)),
@@ -274,6 +411,7 @@ _REGISTRY: dict[str, _Generator] = {
         conjugate=_pearson_conjugate,
         activation=lambda v: v,
         conjugate_activation=_pearson_conjugate,
+        categorical=_chi2_categorical,
     ),
     "neyman_chi2": _Generator(
         f=lambda l: 4.0 * jnp.square(jnp.sinh(0.5 * l)),
@@ -283,6 +421,7 @@ _REGISTRY: dict[str, _Generator] = {
         conjugate=_neyman_conjugate,
         activation=lambda v: -jnp.expm1(-v),
         conjugate_activation=lambda v: 2.0 - 2.0 * _exp(-0.5 * v),
+        categorical=lambda a, b, axis: _chi2_categorical(b, a, axis),
     ),
     "total_variation": _Generator(
         f=lambda l: 0.5 * jnp.abs(jnp.expm1(l)),
@@ -292,6 +431,7 @@ _REGISTRY: dict[str, _Generator] = {
         conjugate=_tv_conjugate,
         activation=lambda v: 0.5 * jnp.tanh(v),
         conjugate_activation=lambda v: 0.5 * jnp.tanh(v),
+        categorical=lambda a, b, axis: 0.5 * jnp.sum(jnp.abs(jnp.exp(a) - jnp.exp(b)), axis=axis),
     ),
     "softened_reverse_kl": _Generator(
         f=lambda l: (1.0 + _exp(l)) * _L(-l),
@@ -301,6 +441,7 @@ _REGISTRY: dict[str, _Generator] = {
         conjugate=_srkl_conjugate,
         activation=lambda v: _L(-v) - _exp(-v),
         conjugate_activation=lambda v: -1.0 - _L(-v),
+        categorical=_srkl_categorical,
     ),
     "alpha": _Generator(
         f=_alpha_f,
@@ -311,12 +452,13 @@ _REGISTRY: dict[str, _Generator] = {
         activation=_alpha_activation,
         conjugate_activation=_alpha_conjugate_activation,
         params=("alpha",),
+        categorical=_alpha_categorical,
     ),
 }
 
 
 def names() -> tuple[str, ...]:
-    """Every registered f-divergence name, in DESIGN.md order."""
+    """Every registered f-divergence name, in registration order (the table above)."""
     return tuple(_REGISTRY)
 
 
@@ -410,6 +552,14 @@ class FDivergence:
         """f*(g(v)) in a closed form that stays finite where g(v) approaches dom f*'s edge."""
         return self._call(self._gen.conjugate_activation, v)
 
+    def categorical(self, log_p, log_q, axis=-1):
+        """D_f(p || q) = sum_k q_k f(p_k / q_k) over `axis` from floating log-probabilities
+        (p the target): the entry's closed categorical form, else `categorical_generic`."""
+        form = self._gen.categorical
+        if form is None:
+            return categorical_generic(self, log_p, log_q, axis)
+        return form(log_p, log_q, axis, **dict(self.params))
+
 
 def get(name: str, **params) -> FDivergence:
     """The f-divergence `name` with its parameters, e.g. get("alpha", alpha=0.5).
@@ -430,4 +580,4 @@ def resolve(divergence: FDivergence | str, **params) -> FDivergence:
     raise ValueError(f"expected an FDivergence or one of {names()}, got {divergence!r}")
 
 
-__all__ = ["FDivergence", "LOG2", "get", "names", "resolve"]
+__all__ = ["FDivergence", "LOG2", "categorical_generic", "get", "names", "resolve"]
