@@ -33,16 +33,16 @@ def optimizer(
     )
 
 
-def parse_arg(arg, config_name: str, slots=None, flags=(), defaults=None):
+def parse_arg(arg, config_name: str, slots=None, flags=(), defaults=None, usage=""):
     """The one parser of `--config=FILE.py:ARG` arguments: ARG is comma-separated tokens in any
     order, each either a value of one named slot (e.g. a method, a divergence, a language) or
     a flag. Returns ({slot: value}, {flags}); a slot not given takes its default (or None).
 
-    Raises ValueError naming the config and the valid tokens for an unknown token, and for two
-    values of one slot (contradictory arguments never silently last-win)."""
+    Raises ValueError naming the config, the token and the valid tokens (after `usage`, when
+    given) for an unknown token, and for two values of one slot (contradictory arguments never
+    silently last-win)."""
     slots, defaults = dict(slots or {}), dict(defaults or {})
-    values, given = {name: defaults.get(name) for name in slots}, set()
-    chosen_flags = set()
+    values, given, chosen_flags = {name: defaults.get(name) for name in slots}, set(), set()
     for token in (t.strip() for t in (arg or "").split(",")):
         if not token:
             continue
@@ -53,15 +53,18 @@ def parse_arg(arg, config_name: str, slots=None, flags=(), defaults=None):
                     f"{config_name} config arg {arg!r} names two values of {slot}: "
                     f"{values[slot]!r} and {token!r}; give one"
                 )
-            values[slot], _ = token, given.add(slot)
+            values[slot] = token
+            given.add(slot)
         elif token in flags:
             chosen_flags.add(token)
         else:
-            valid = "; ".join(f"a {name} in {tuple(choices)}" for name, choices in slots.items())
-            valid = "; ".join(filter(None, (valid, f"a flag in {tuple(flags)}" if flags else "")))
+            valid = [f"a {name} in {tuple(choices)}" for name, choices in slots.items()]
+            valid += [f"one of the flags {tuple(flags)}"] if flags else []
+            valid = " or ".join([", ".join(valid[:-1]), valid[-1]] if len(valid) > 1 else valid)
             raise ValueError(
-                f"{config_name} config arg token {token!r} is not valid; expected "
-                + (valid or "no argument")
+                f"{config_name} config arg {arg!r}: "
+                + (f"expected {usage}; " if usage else "")
+                + (f"token {token!r} is not {valid}" if valid else "it takes no argument")
             )
     return values, chosen_flags
 
@@ -76,6 +79,7 @@ def language_arg(arg, config_name: str, allowed_flags=("smoke",)) -> tuple[str, 
         {"language": sorted(text.LANGUAGES)},
         allowed_flags,
         {"language": "markov"},
+        usage="'<language>' or '<language>,<flag>'",
     )
     return values["language"], flags
 
