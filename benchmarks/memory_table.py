@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
-import sys
 from unittest import mock
 
 import jax
@@ -33,7 +31,6 @@ from didistill.distill.one_step import images as one_step_images
 from didistill.nets import convert_edm
 from didistill.train import sharding
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPT2_VOCAB = 50_257
 
 # ImageNet-64: no DDPM++ preset ships (EDM's released network is ADM, see the config's
@@ -55,18 +52,14 @@ IMAGENET64_UNET = dict(
 
 # (label, config file, config arg, teacher U-Net config or None)
 ROWS = (
-    ("CIFAR-10 f-distill", "configs/cifar10_distill.py", None, "edm-cifar10-cond"),
-    ("ImageNet-64 f-distill", "configs/imagenet64_distill.py", None, IMAGENET64_UNET),
-    ("OWT MDLM teacher", "configs/owt_mdlm.py", None, None),
+    ("CIFAR-10 f-distill", "cifar10_distill", None, "edm-cifar10-cond"),
+    ("ImageNet-64 f-distill", "imagenet64_distill", None, IMAGENET64_UNET),
+    ("OWT MDLM teacher", "owt_mdlm", None, None),
 )
 
 
-def load_config(path: str, arg: str | None):
-    if REPO not in sys.path:  # the config files import `configs.*`
-        sys.path.insert(0, REPO)
-    spec = importlib.util.spec_from_file_location("_memory_config", os.path.join(REPO, path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def load_config(name: str, arg: str | None):
+    module = importlib.import_module(f"didistill.configs.{name}")
     return module.get_config(arg) if arg else module.get_config()
 
 

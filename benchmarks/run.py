@@ -47,14 +47,17 @@ import time
 import jax
 import jax.numpy as jnp
 
-from didistill import xla_cpu  # before the first computation: sets the XLA:CPU flags
+from didistill import (
+    assets,
+    xla_cpu,  # before the first computation: sets the XLA:CPU flags
+)
 
 SECTIONS = ("throughput", "flops", "sampling", "memory", "scaling")
 LETTERS = dict(zip("abcde", SECTIONS, strict=True))
 TOY_METHODS = ("dmd2", "forward_kl", "sid", "uni_instruct,forward_kl")
 DIGITS_METHODS = ("dmd2", "forward_kl", "sid", "uni_instruct,forward_kl")
 GROUPS = ("toy", "digits", "text")
-DIGITS_TEACHER = "assets/digits/teacher.msgpack"
+DIGITS_TEACHER = assets.path("digits/teacher.msgpack")
 SCALING_WORKLOADS = ("toy/dmd2", "text/mdlm_teacher")
 QUICK_WORKLOADS = ("toy/dmd2", "digits/dmd2", "digits/edm_teacher", "text")
 TEXT_STEPS = (8, 16, 32, 64, 1024)  # sampler step counts of the text sampling figures
@@ -123,7 +126,7 @@ def _digits_teacher_path(quick: bool, tmpdir: str) -> tuple[str, str]:
     `configs/digits_teacher.py` (its smoke network with --quick) saved as a network file."""
     if not quick and os.path.isfile(DIGITS_TEACHER):
         return DIGITS_TEACHER, f"trained ({DIGITS_TEACHER})"
-    from configs import digits_teacher
+    from didistill.configs import digits_teacher
     from didistill.nets.convert_edm import unet_from_config
     from didistill.nets.files import json_config, save_model
 
@@ -141,7 +144,7 @@ def _digits_teacher_path(quick: bool, tmpdir: str) -> tuple[str, str]:
 
 def _mdlm_teacher_path(quick: bool, tmpdir: str) -> str:
     """A randomly initialised MDLM teacher (synthetic_mdlm config) saved for DiDi-Instruct."""
-    from configs import synthetic_mdlm
+    from didistill.configs import synthetic_mdlm
     from didistill.data import text
     from didistill.distill.teachers import mdlm as mdlm_teacher
     from didistill.nets.files import save_model
@@ -166,7 +169,13 @@ def selected(name: str, patterns) -> bool:
 
 def workloads(quick: bool, tmpdir: str, patterns=None) -> list[dict]:
     """[{'name', 'group', 'config', 'unit', 'examples_per_step', 'note'}] of the selected steps."""
-    from configs import digits_distill, digits_teacher, synthetic_didi, synthetic_mdlm, toy2d
+    from didistill.configs import (
+        digits_distill,
+        digits_teacher,
+        synthetic_didi,
+        synthetic_mdlm,
+        toy2d,
+    )
 
     smoke = ",smoke" if quick else ""
     out = []
@@ -313,7 +322,7 @@ def bench_sampling(quick: bool, repeats: int, tmpdir: str, log, domains=GROUPS) 
 
 
 def _sample_toy(quick, repeats, key):
-    from configs import toy2d
+    from didistill.configs import toy2d
     from didistill.diffusion import edm
     from didistill.distill.one_step import toy as one_step_toy
 
@@ -337,7 +346,7 @@ def _sample_toy(quick, repeats, key):
 
 
 def _sample_digits(quick, repeats, key, tmpdir):
-    from configs import digits_distill
+    from didistill.configs import digits_distill
     from didistill.diffusion import edm
     from didistill.distill.one_step import images as one_step_images
 
@@ -371,7 +380,7 @@ def _sample_text(quick, repeats, key, tmpdir):
     step count is in experiments/ppl_table.py's table, so the two read together give the speed
     at equal quality; --quick: a random smoke-sized teacher. A few-step student has the
     teacher's architecture, so its cost at N steps is the teacher's at N steps."""
-    from configs import synthetic_didi
+    from didistill.configs import synthetic_didi
     from didistill.diffusion import masked
     from didistill.distill.teachers import mdlm as mdlm_teacher
 

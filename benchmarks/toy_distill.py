@@ -16,7 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from configs import toy2d
+from didistill.configs import toy2d
 from didistill.diffusion import edm
 from didistill.distill import get_method
 from didistill.distill.one_step import toy as one_step_toy

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from configs import toy2d  # run from the repository root (`make demo`)
+from didistill.configs import toy2d  # run from the repository root (`make demo`)
 from didistill.data import toy
 from didistill.distill import get_method
 from didistill.eval import plots
@@ -85,7 +85,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/demo")
     parser.add_argument(
-        "--methods", nargs="+", default=list(DEFAULT_METHODS), help="configs/toy2d.py arguments"
+        "--methods",
+        nargs="+",
+        default=list(DEFAULT_METHODS),
+        help="configs/toy2d.py arguments",
     )
     parser.add_argument("--quick", action="store_true", help="300 generator steps per method")
     args = parser.parse_args(argv)

@@ -1,8 +1,10 @@
 """Command line entry point of every training and distillation run.
 
-    python -m didistill.main --config=configs/NAME.py[:ARG] --workdir=DIR [--config.a.b=VALUE]
+    python -m didistill.main --config=NAME[:ARG] --workdir=DIR [--config.a.b=VALUE]
 
-`--config` loads `get_config(ARG)` from the file (ml_collections, locked: an override of a key
+`--config` names a config shipped in `didistill/configs/` (`toy2d`, `digits_distill`, ...; also
+written `configs/NAME.py`, as from the repository root) or the path of any config file, and loads
+its `get_config(ARG)` (ml_collections, locked: an override of a key
 the config does not have is an error); `--config.a.b=VALUE` overrides one key. `main` then
 checks the engine keys, builds the method named by `config.method` (`didistill.distill`) and
 calls `didistill.train.loop.train`. Rerunning the same command resumes from the checkpoints in
@@ -127,6 +129,32 @@ def _check_duplicates(argv: list[str]) -> None:
         seen[name] = value
 
 
+def resolve_config_spec(spec: str) -> str:
+    """`--config` value -> a config file path: an existing file as given, else the shipped
+    `didistill/configs/NAME.py` of `NAME`, `NAME.py` or `configs/NAME.py` (any directory)."""
+    path, sep, arg = spec.partition(":")
+    if not path or os.path.isfile(path):
+        return spec
+    name = os.path.basename(path).removesuffix(".py")
+    shipped = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", f"{name}.py")
+    if name != "__init__" and os.path.isfile(shipped):
+        return shipped + sep + arg
+    return spec
+
+
+def _resolve_config_args(argv: list[str]) -> list[str]:
+    """Rewrites `--config=SPEC` in argv and in sys.argv (config_flags reads both)."""
+
+    def fix(a: str) -> str:
+        for prefix in ("--config=", "-config="):
+            if a.startswith(prefix):
+                return prefix + resolve_config_spec(a[len(prefix) :])
+        return a
+
+    sys.argv = [fix(a) for a in sys.argv]
+    return [fix(a) for a in argv]
+
+
 def _split_free_params(argv: list[str]) -> list[str]:
     """Takes the `divergence_params.NAME` overrides of keys the config lacks out of argv."""
     if not any(".divergence_params." in a for a in argv):
@@ -225,7 +253,7 @@ def _expected_type(argv: list[str], message: str) -> str:
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing that reports every mistake as one message (no traceback)."""
     _check_duplicates(argv)
-    argv = _split_free_params(argv)
+    argv = _split_free_params(_resolve_config_args(argv))
     try:
         return flags.FLAGS(argv)
     except flags.Error as err:
@@ -239,11 +267,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
         path = spec.partition(":")[0]
         if isinstance(err, SyntaxError):
             _fail(f"cannot load --config={path}: syntax error at line {err.lineno}: {err.msg}.")
-        _fail(
-            f"cannot load --config={path}: {err}. Config files import the repository's "
-            "`configs` package: run from the repository root (the folder with configs/ and "
-            "didistill/)."
-        )
+        _fail(f"cannot load --config={path}: {err}.")
     except (AttributeError, KeyError, TypeError, ValueError) as err:
         message = _describe_unknown_key(argv)
         if message is None:  # not an unknown key: unwrap ml_collections' nested messages
@@ -260,12 +284,14 @@ def _load_config() -> ConfigDict:
     except Exception as err:
         path = flags.FLAGS["config"].config_filename.partition(":")[0]
         if not os.path.isfile(path):
-            _fail(f"--config: no config file at {path!r} (relative to {os.getcwd()})")
-        if isinstance(err, ModuleNotFoundError) or "No module named 'configs'" in str(err):
+            shipped = sorted(
+                f.removesuffix(".py")
+                for f in os.listdir(os.path.join(os.path.dirname(__file__), "configs"))
+                if f.endswith(".py") and f != "__init__.py"
+            )
             _fail(
-                f"cannot load --config={path}: {' '.join(str(err).split())}. Config files "
-                "import the repository's `configs` package: run from the repository root "
-                "(the folder with configs/ and didistill/)."
+                f"--config: no config file at {path!r} (relative to {os.getcwd()}) and no "
+                f"shipped config of that name; shipped: {', '.join(shipped)}"
             )
         _fail(f"cannot load --config={path}: {' '.join(str(err).split())}")
     _apply_free_params(config)

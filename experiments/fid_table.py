@@ -50,9 +50,10 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # `configs` is a folder of the repository, not an installed package
+sys.path.insert(0, REPO)  # `experiments` is a folder of the repository, not a package
 
-from configs import digits_distill  # noqa: E402
+from didistill import assets  # noqa: E402
+from didistill.configs import digits_distill  # noqa: E402
 from experiments import common  # noqa: E402
 
 METHODS = (
@@ -240,7 +241,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--critic_steps", type=int, default=2, help="critic updates per step")
     parser.add_argument("--generator_lr", type=float, default=5e-5, help="generator Adam LR")
     parser.add_argument("--discriminator_lr", type=float, default=1e-3, help="head Adam LR")
-    parser.add_argument("--teacher", default=os.path.join(REPO, "assets/digits/teacher.msgpack"))
+    parser.add_argument("--teacher", default=assets.path("digits/teacher.msgpack"))
     parser.add_argument("--data_dir", default="data/tfds", help="tfds data_dir of the digits")
     common.add_cache_flag(parser)
     args = parser.parse_args(argv)

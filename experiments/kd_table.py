@@ -34,9 +34,9 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # `configs` is a folder of the repository, not an installed package
+sys.path.insert(0, REPO)  # `experiments` is a folder of the repository, not a package
 
-from configs import digits_classifier, digits_kd  # noqa: E402
+from didistill.configs import digits_classifier, digits_kd  # noqa: E402
 from didistill.distill.kd import KD_DIVERGENCES  # noqa: E402
 from didistill.nets.classifier import CLASSIFIER_FILE, load_classifier  # noqa: E402
 from experiments import common  # noqa: E402

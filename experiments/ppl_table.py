@@ -35,9 +35,9 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # `configs` is a folder of the repository, not an installed package
+sys.path.insert(0, REPO)  # `experiments` is a folder of the repository, not a package
 
-from configs import synthetic_didi, synthetic_mdlm, synthetic_sdtt  # noqa: E402
+from didistill.configs import synthetic_didi, synthetic_mdlm, synthetic_sdtt  # noqa: E402
 from experiments import common  # noqa: E402
 
 SHIPPED_TEACHER = synthetic_didi.SHIPPED_TEACHER

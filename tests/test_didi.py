@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import synthetic_didi
+from didistill.configs import synthetic_didi
 from didistill.distill.discrete import didi
 from tests.tiny_text_teacher import LANGUAGE, LENGTH, save_tiny_teacher
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from configs import owt_mdlm, synthetic_mdlm
+from didistill.configs import owt_mdlm, synthetic_mdlm
 from didistill.data import text
 from didistill.diffusion import masked
 from didistill.distill.teachers import mdlm as mdlm_teacher

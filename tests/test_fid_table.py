@@ -11,8 +11,10 @@ import sys
 
 import pytest
 
+from didistill import assets
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEACHER = os.path.join(REPO, "assets/digits/teacher.msgpack")
+TEACHER = os.path.join(REPO, assets.path("digits/teacher.msgpack"))
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from didistill import assets
 from didistill.nets import files
 from didistill.nets.classifier import Classifier
 from didistill.nets.dit import DiT
@@ -15,7 +16,6 @@ from didistill.nets.mlp import MLPDenoiser
 from didistill.nets.unet import UNetDenoiser
 
 MLP = {"width": 8, "depth": 1, "emb_dim": 4, "sigma_data": 0.5}
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_roundtrip_rebuilds_the_module(tmp_path):
@@ -64,5 +64,5 @@ def test_errors_name_the_file_and_what_to_do(tmp_path):
     ],
 )
 def test_shipped_files_of_the_earlier_tags_load(asset, arch, cls):
-    module, params, meta = files.load_model(os.path.join(REPO, "assets", asset), arch)
+    module, params, meta = files.load_model(assets.path(asset), arch)
     assert isinstance(module, cls) and meta["net"]["arch"] == arch and jax.tree.leaves(params)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import synthetic_didi
+from didistill.configs import synthetic_didi
 from didistill.diffusion import masked
 from didistill.distill.discrete import didi
 from didistill.distill.discrete.guided_sampling import guided_sample, tilt_log_probs

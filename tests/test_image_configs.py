@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from configs import cifar10_distill, digits_distill, digits_teacher, imagenet64_distill
+from didistill.configs import cifar10_distill, digits_distill, digits_teacher, imagenet64_distill
 from didistill.distill.one_step import method as one_step
 
 ARGS = (

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import digits_teacher
+from didistill.configs import digits_teacher
 from didistill.distill import get_method
 from didistill.distill.teachers import images as image_teacher
 from didistill.nets.convert_edm import load_unet

@@ -178,3 +178,37 @@ def test_the_lock_resolves_for_python(python, sdist_wheels, tmp_path):
     got = _resolve(python, sdist_wheels, tmp_path, "-c", str(LOCK), "-e", ".[test,notebooks]")
     lock = {k: str(v) for k, v in _pins(LOCK).items()}
     assert {k: v for k, v in got.items() if k != "didistill"} == lock
+
+
+def test_installed_package_runs_a_shipped_config_from_any_directory(tmp_path):
+    """A real (non-editable) install of this checkout, used from a directory outside the
+    repository: the shipped configs and teachers travel as package data, and `--config=NAME`
+    finds them. Built and installed without the network (--no-deps, --no-build-isolation);
+    the dependencies come from the test environment."""
+    wheels, site, cwd = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
+    cwd.mkdir()
+    pip = [sys.executable, "-m", "pip", "--quiet", "--disable-pip-version-check"]
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT)],
+        check=True,
+        cwd=tmp_path,
+    )
+    wheel = next(wheels.glob("didistill-*.whl"))
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True)
+    env = dict(os.environ, PYTHONPATH=str(site), JAX_PLATFORMS="cpu")
+    where = subprocess.run(
+        [sys.executable, "-c", "import didistill.assets; print(didistill.__file__)"],
+        cwd=cwd, env=env, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert where.startswith(str(site))
+    run = subprocess.run(
+        [
+            sys.executable, "-m", "didistill.main", "--config=toy2d:jensen_shannon,smoke",
+            "--workdir=run", "--config.train.num_steps=2", "--config.eval.num_samples=64",
+        ],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    config = json.loads((cwd / "run" / "config.json").read_text())
+    assert config["teacher"]["checkpoint"].startswith(str(site))  # the installed asset
+    assert (cwd / "run" / "eval.json").is_file()

@@ -15,7 +15,7 @@ import scipy.special
 import scipy.stats
 from scipy.spatial.distance import jensenshannon
 
-from configs import digits_classifier, digits_kd
+from didistill.configs import digits_classifier, digits_kd
 from didistill.distill import get_method, kd
 from didistill.distill.teachers.classifier import (
     classification_metrics,

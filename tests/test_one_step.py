@@ -11,14 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import toy2d, toy_teacher
+from didistill import assets
+from didistill.configs import toy2d, toy_teacher
 from didistill.data import toy
 from didistill.distill import get_method
 from didistill.distill.one_step import method as one_step
 from didistill.distill.one_step import table
 from didistill.train.loop import train
 
-ASSET = os.path.join(os.path.dirname(__file__), "..", "assets", "toy", "ring8_teacher.msgpack")
+ASSET = assets.path("toy/ring8_teacher.msgpack")
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +40,8 @@ def _smoke_config(arg, teacher_path):
 
 
 def test_every_list_of_method_names_comes_from_the_table():
-    from configs import one_step_common
     from didistill import distill
+    from didistill.configs import one_step_common
 
     one_step_names = [n for n, t in distill.METHODS.items() if t.startswith(one_step.__name__)]
     assert one_step_names == list(table.METHODS) == list(one_step_common.METHODS)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import digits_distill
+from didistill.configs import digits_distill
 from didistill.data import images
 from didistill.distill import get_method
 from didistill.nets.convert_edm import unet_from_config

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import synthetic_sdtt
+from didistill.configs import synthetic_sdtt
 from didistill.diffusion import masked
 from didistill.distill.discrete import step_halving as sh
 from didistill.divergences.categorical import categorical_names

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import toy_teacher
+from didistill.configs import toy_teacher
 from didistill.data import toy
 from didistill.distill.teachers import toy as teacher
 from didistill.nets.mlp import denoiser_from_config

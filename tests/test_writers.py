@@ -11,7 +11,7 @@ import types
 import pytest
 from etils import epath
 
-from configs import base
+from didistill.configs import base
 from didistill.train import loop, writers
 from didistill.train.errors import ConfigError
 from tests import dummy_method

@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from configs import base
+from didistill.configs import base
 
 
 def get_config(arg=None):

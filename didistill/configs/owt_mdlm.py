@@ -16,7 +16,7 @@ Gen PPL needs a judge (GPT-2 Large in MDLM): set config.eval.judge to a
 MDLM trains in bf16 (config.net.dtype='bfloat16' here) with dropout 0.1.
 """
 
-from configs import base, synthetic_mdlm
+from didistill.configs import base, synthetic_mdlm
 
 
 def get_config(arg=None):

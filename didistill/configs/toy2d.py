@@ -13,7 +13,8 @@ The teacher is `assets/toy/ring8_teacher.msgpack`, trained by `configs/toy_teach
 
 import ml_collections
 
-from configs import base, one_step_common
+from didistill import assets
+from didistill.configs import base, one_step_common
 
 FLAGS = ("smoke", "scratch", "exact")
 
@@ -24,7 +25,7 @@ def get_config(arg=None):
     config.method = method
     config.data = ml_collections.ConfigDict(dict(toy="ring8"))
     config.teacher = ml_collections.ConfigDict(
-        dict(checkpoint="assets/toy/ring8_teacher.msgpack", score="network")
+        dict(checkpoint=assets.path("toy/ring8_teacher.msgpack"), score="network")
     )
     config.generator = ml_collections.ConfigDict(dict(kind="mlp", init="teacher", sigma=2.5))
     config.discriminator = ml_collections.ConfigDict(

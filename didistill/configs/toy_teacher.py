@@ -16,7 +16,7 @@ The run writes samples.png, eval.json and teacher_params.msgpack into the workdi
 import ml_collections
 import numpy as np
 
-from configs import base
+from didistill.configs import base
 from didistill.data import toy
 
 

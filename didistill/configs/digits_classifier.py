@@ -15,7 +15,7 @@ that file of a `teacher` run (see assets/README.md for the command).
 
 import ml_collections
 
-from configs import base
+from didistill.configs import base
 
 ROLES = ("teacher", "student")
 METHOD = "classifier"  # didistill.distill.kd:make_classifier_method

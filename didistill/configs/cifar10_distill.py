@@ -29,7 +29,7 @@ Hyperparameters (reference/continuous_distillation.md 1.4, 2.4, 3.3, 3.4):
 Ready for GPU/TPU: the batch is sharded over the 'data' mesh axis by the engine.
 """
 
-from configs import one_step_common as common
+from didistill.configs import one_step_common as common
 from didistill.distill.one_step import table
 
 TEACHER = "data/edm/edm-cifar10-cond.msgpack"

@@ -15,7 +15,7 @@ beta for 'generalized_jsd', 'alpha_beta'), e.g. --config.distill.divergence_para
 import ml_collections
 from ml_collections import config_dict
 
-from configs import base
+from didistill.configs import base
 
 
 def get_config(arg=None):

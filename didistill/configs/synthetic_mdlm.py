@@ -12,7 +12,7 @@ step counts, held-out NELBO against the exact entropy) and teacher_params.msgpac
 
 import ml_collections
 
-from configs import base
+from didistill.configs import base
 
 
 def get_config(arg=None):

@@ -36,7 +36,7 @@ Hyperparameters (reference/continuous_distillation.md 1.4, 2.4, 3.3, 3.4):
   weight 0.01. Not implemented: fp16 and the generator loss scale 100.
 """
 
-from configs import one_step_common as common
+from didistill.configs import one_step_common as common
 from didistill.distill.one_step import table
 
 TEACHER = "data/edm/edm-imagenet64-cond.msgpack"

@@ -16,11 +16,12 @@ Divergence parameters (`kd.divergence_params`) default to DEFAULT_PARAMS below.
 
 import ml_collections
 
-from configs import base, digits_classifier
+from didistill import assets
+from didistill.configs import base, digits_classifier
 from didistill.distill.kd import KD_DIVERGENCES
 
 METHOD = "kd"  # didistill.distill.kd:make_kd_method
-TEACHER_CHECKPOINT = "assets/digits/classifier_teacher.msgpack"
+TEACHER_CHECKPOINT = assets.path("digits/classifier_teacher.msgpack")
 # Published defaults where there is one: DistiLLM skew 0.1, GKD beta 0.5, ABKD's CIFAR setting
 # (alpha 0.8, alpha + beta = 1.1), BD-KD weights 3 / 1, SinKD eps 0.1 with 20 iterations.
 DEFAULT_PARAMS = {

@@ -13,7 +13,8 @@ assets/README.md for the command and the measured numbers).
 
 import ml_collections
 
-from configs import base
+from didistill import assets
+from didistill.configs import base
 
 METHOD = "image_teacher"
 _FLAGS = ("smoke", "uncond")
@@ -52,7 +53,9 @@ def get_config(arg=None):
         dict(
             nfe=35,
             num_samples=100,
-            feature_checkpoint="assets/digits/classifier_teacher.msgpack",  # digits FID if present
+            feature_checkpoint=assets.path(
+                "digits/classifier_teacher.msgpack"
+            ),  # digits FID if present
         )
     )
     config.train.num_steps = 1000

@@ -14,9 +14,12 @@ config.eval.guided switches on the reward-guided sampler at evaluation.
 
 import ml_collections
 
-from configs import base
+from didistill import assets
+from didistill.configs import base
 
-SHIPPED_TEACHER = "assets/text/markov_tiny_teacher.msgpack"  # configs/synthetic_mdlm.py:...,cpu
+SHIPPED_TEACHER = assets.path(
+    "text/markov_tiny_teacher.msgpack"
+)  # configs/synthetic_mdlm.py:...,cpu
 SHIPPED_LANGUAGE = "markov_tiny"
 
 

@@ -13,7 +13,7 @@ assets/README.md). The digits are prepared offline into `config.data.data_dir` o
 configs start from it and set the published hyperparameters).
 """
 
-from configs import one_step_common
+from didistill.configs import one_step_common
 
 FLAGS = one_step_common.IMAGE_FLAGS
 

@@ -8,8 +8,8 @@ is the `config.distill` block read by `didistill.distill.one_step.method` with i
 
 import ml_collections
 
-from configs import base
-from didistill import divergences
+from didistill import assets, divergences
+from didistill.configs import base
 from didistill.distill.one_step import table
 
 METHODS = tuple(table.METHODS)
@@ -73,7 +73,7 @@ def image_distill_config(method, divergence, flags):
         dict(kind="images", name="digits", data_dir="data/tfds", resolution=None)
     )
     config.teacher = ml_collections.ConfigDict(
-        dict(checkpoint="assets/digits/teacher.msgpack", score="network")
+        dict(checkpoint=assets.path("digits/teacher.msgpack"), score="network")
     )
     config.generator = ml_collections.ConfigDict(
         dict(kind="unet", init="scratch" if "scratch" in flags else "teacher")
@@ -91,7 +91,9 @@ def image_distill_config(method, divergence, flags):
             num_samples=500,
             batch_size=500,
             teacher_nfe=35,
-            feature_checkpoint="assets/digits/classifier_teacher.msgpack",  # digits FID if present
+            feature_checkpoint=assets.path(
+                "digits/classifier_teacher.msgpack"
+            ),  # digits FID if present
         )
     )
     config.train.num_steps = 2000
