@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from didistill.configs import synthetic_didi
+from didistill.diffusion import masked
 from didistill.distill.discrete import didi
+from didistill.distill.teachers.mdlm import load_teacher_denoiser
+from didistill.eval import text as text_eval
 from tests.tiny_text_teacher import LANGUAGE, LENGTH, save_tiny_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,7 +70,15 @@ def test_discriminator_freezes_all_but_last_blocks(tiny_teacher):
 
 def test_evaluate_reports_student_and_teacher(tiny_teacher, tmp_path):
     method = didi.make_method(_config(tiny_teacher))
+    text_eval.clear_sampler_cache()
     results = method.evaluate(method.init(jax.random.key(0)), jax.random.key(1), str(tmp_path))
+    # one cached sampler for student and teacher at 2 steps (params are its arguments), the
+    # same as the MDLM teacher's own evaluation builds from the teacher file's network
+    info = text_eval.sampler_cache_info()
+    assert (info.misses, info.hits, info.currsize) == (1, 1, 1)
+    net = load_teacher_denoiser(tiny_teacher)[0]
+    text_eval.ancestral_sampler(net, masked.get_schedule("loglinear", 1e-3), 2)
+    assert text_eval.sampler_cache_info().currsize == 1
     for who in ("student", "teacher"):
         for key in ("gen_ppl", "entropy", "nfe", "invalid_rate"):
             assert f"{who}/steps2/{key}" in results

@@ -1,8 +1,10 @@
-"""Tests for didistill.eval.text: entropy, generative perplexity, judges, held-out NELBO."""
+"""Tests for didistill.eval.text: entropy, generative perplexity, judges, held-out NELBO, the
+cached ancestral sampler."""
 
 import itertools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,3 +74,66 @@ class TestHeldoutNelbo:
             text_eval.heldout_nelbo(
                 lambda xt, t: None, [], jax.random.key(0), masked.LogLinearSchedule(), 3
             )
+
+
+class _CountingDenoiser(nn.Module):
+    """A token-embedding "denoiser" that records every trace of its call (TRACES)."""
+
+    vocab_size: int
+
+    @nn.compact
+    def __call__(self, xt, t):
+        _TRACES.append(xt.shape)
+        return nn.Embed(self.vocab_size + 1, self.vocab_size + 1)(xt)
+
+
+_TRACES: list = []
+
+
+class TestAncestralSampler:
+    def test_teacher_and_student_at_equal_steps_share_one_compilation(self):
+        vocab, length, steps = 4, 6, 3
+        schedule = masked.LogLinearSchedule()
+        x = jnp.full((1, length), vocab, jnp.int32)
+        teacher = _CountingDenoiser(vocab).init(jax.random.key(0), x, jnp.ones((1,)))
+        student = jax.tree.map(
+            lambda p: 3.0 * jax.random.normal(jax.random.key(2), p.shape), teacher
+        )
+        text_eval.clear_sampler_cache()
+        _TRACES.clear()
+        opts = dict(num_samples=10, batch_size=5, length=length, mask_id=vocab)
+        key = jax.random.key(1)
+        # two equal (not identical) networks, as a teacher file loaded twice gives
+        out_t = text_eval.ancestral_samples(
+            _CountingDenoiser(vocab), teacher, key, steps, schedule, **opts
+        )
+        traces = len(_TRACES)
+        assert traces > 0
+        out_s = text_eval.ancestral_samples(
+            _CountingDenoiser(vocab), student, key, steps, schedule, **opts
+        )
+        assert len(_TRACES) == traces, "the student's sampling traced (compiled) again"
+        info = text_eval.sampler_cache_info()
+        assert (info.misses, info.hits, info.currsize) == (1, 1, 1)
+        assert text_eval.ancestral_sampler(
+            _CountingDenoiser(vocab), schedule, steps, cache=True, dtype=jnp.float32
+        ) is text_eval.ancestral_sampler(_CountingDenoiser(vocab), schedule, steps)
+        # the params are an argument: the student's samples are its own, not the teacher's
+        assert not np.array_equal(out_t[0], out_s[0])
+        # and the samples are those of masked.ancestral_sample with the params closed over
+        net = _CountingDenoiser(vocab)
+        for params, (tokens, nfe) in ((teacher, out_t), (student, out_s)):
+            ref = text_eval.sample_in_chunks(
+                jax.jit(
+                    lambda k, x, p=params: masked.ancestral_sample(
+                        lambda z, t: net.apply(p, z, t), k, x, schedule, steps
+                    )
+                ),
+                key, 10, 5, length, vocab,
+            )  # fmt: skip
+            np.testing.assert_array_equal(tokens, ref[0])
+            assert nfe == ref[1]
+        # another step count, cache flag or dtype is another sampler
+        text_eval.ancestral_sampler(_CountingDenoiser(vocab), schedule, steps + 1)
+        text_eval.ancestral_sampler(_CountingDenoiser(vocab), schedule, steps, cache=False)
+        assert text_eval.sampler_cache_info().currsize == 3

@@ -13,6 +13,7 @@ from didistill.configs import synthetic_sdtt
 from didistill.diffusion import masked
 from didistill.distill.discrete import step_halving as sh
 from didistill.divergences.categorical import categorical_names
+from didistill.eval import text as text_eval
 from tests.tiny_text_teacher import LANGUAGE, LENGTH, save_tiny_teacher
 
 V, L, MASK = 2, 3, 2  # the enumerable setting: 2 tokens, 3 positions
@@ -285,7 +286,10 @@ def test_variant_step_is_finite_and_moves_the_student(tiny_teacher):
 
 def test_evaluate_reports_student_and_teacher(tiny_teacher, tmp_path):
     method = sh.make_method(_config(tiny_teacher))
+    text_eval.clear_sampler_cache()
     results = method.evaluate(method.init(jax.random.key(0)), jax.random.key(1), str(tmp_path))
+    info = text_eval.sampler_cache_info()  # student and teacher at 2 steps: one sampler
+    assert (info.misses, info.hits, info.currsize) == (1, 1, 1)
     for who in ("student", "teacher"):
         for key in ("gen_ppl", "entropy", "nfe", "invalid_rate"):
             assert f"{who}/steps2/{key}" in results

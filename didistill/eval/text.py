@@ -1,7 +1,8 @@
 """Text sample metrics: generative perplexity under a judge, unigram entropy, held-out NELBO.
 
-Protocol (MDLM / DUO / DiDi-Instruct `metrics.py`; see shared/reference/discrete_distillation.md
-section 4): samples are judged by another model, Gen PPL = exp(total NLL / total tokens), and
+Protocol (the `metrics.py` of MDLM, Sahoo et al. 2024, arXiv:2406.07524; DUO, Sahoo et al. 2025,
+arXiv:2506.10892; DiDi-Instruct, Zheng et al. 2025, arXiv:2509.25035): samples are judged by
+another model, Gen PPL = exp(total NLL / total tokens), and
 always reported together with the samples' entropy, because a sampler can lower Gen PPL by
 lowering diversity (e.g. float32 Gumbel sampling):
 
@@ -16,11 +17,18 @@ cross-entropy of the samples under the true distribution, compared with exp(H(X_
 of real data. A sparse source forbids most transitions, so the exact judge smooths every
 conditional with a tiny uniform mass (default 1e-4) and also reports `invalid_rate`, the
 fraction of sequences that the unsmoothed source gives probability 0.
+
+Sampling: `ancestral_sampler` is the one jitted MDLM ancestral sampler of the library (the MDLM
+teacher's evaluation, DiDi-Instruct, step halving), memoised per (network, schedule, step count,
+cache flag, dtype) with the params an argument: a teacher and its student (same architecture)
+sampled at the same step count share one compilation.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +113,65 @@ def sample_in_chunks(sample_fn, key, num_samples: int, batch_size: int, length: 
     return np.concatenate(chunks), nfe
 
 
+@functools.lru_cache(maxsize=64)
+def _jitted_ancestral_sampler(net, schedule, num_steps: int, cache: bool, dtype):
+    def run(params, key, x_init):
+        logits_fn = lambda xt, t: net.apply(params, xt, t)
+        return masked.ancestral_sample(
+            logits_fn, key, x_init, schedule, num_steps, cache=cache, dtype=dtype
+        )
+
+    return jax.jit(run)
+
+
+def ancestral_sampler(
+    net, schedule: masked.Schedule, num_steps: int, *, cache: bool = True, dtype=jnp.float32
+):
+    """The jitted `masked.ancestral_sample` of the denoiser `net` (logits = net.apply(params,
+    z_t, t)): `(params, key, x_init [B, L]) -> (tokens int32 [B, L], nfe int32)`.
+
+    One function per (net, schedule, num_steps, cache, dtype), memoised (`sampler_cache_info`);
+    net and schedule are compared by value (frozen dataclasses), so equal architectures share
+    it. The params are an argument, not a closed-over constant: every params of that
+    architecture (teacher, student, EMA) reuses the compilation at a given x_init shape.
+    `cache` (skip the network when no token changed) is exact only for a time-agnostic
+    denoiser; float64 needs x64 mode when called.
+    """
+    return _jitted_ancestral_sampler(net, schedule, int(num_steps), bool(cache), jnp.dtype(dtype))
+
+
+def sampler_cache_info():
+    """`functools.lru_cache` statistics of `ancestral_sampler`'s memo (hits, misses, size)."""
+    return _jitted_ancestral_sampler.cache_info()
+
+
+def clear_sampler_cache() -> None:
+    """Forgets every memoised `ancestral_sampler` (and so its compilations)."""
+    _jitted_ancestral_sampler.cache_clear()
+
+
+def ancestral_samples(
+    net,
+    params: Any,
+    key,
+    num_steps: int,
+    schedule: masked.Schedule,
+    *,
+    num_samples: int,
+    batch_size: int,
+    length: int,
+    mask_id: int,
+    cache: bool = True,
+    dtype=jnp.float32,
+):
+    """(tokens [num_samples, length], NFE) of `ancestral_sampler` from all-[MASK] starts,
+    `batch_size` rows at a time (`sample_in_chunks`: chunk i uses fold_in(key, i))."""
+    fn = ancestral_sampler(net, schedule, num_steps, cache=cache, dtype=dtype)
+    return sample_in_chunks(
+        lambda k, x: fn(params, k, x), key, num_samples, batch_size, length, mask_id
+    )
+
+
 def reports_at_steps(sample, models, key, sample_steps, judge: Judge, language=None):
     """{'<model>/steps<N>/<metric>': value} of `sample_report` for every model and step count.
 
@@ -152,6 +219,9 @@ def heldout_nelbo(
 
 __all__ = [
     "Judge",
+    "ancestral_sampler",
+    "ancestral_samples",
+    "clear_sampler_cache",
     "exact_judge",
     "generative_perplexity",
     "heldout_nelbo",
@@ -160,6 +230,7 @@ __all__ = [
     "reports_at_steps",
     "sample_in_chunks",
     "sample_report",
+    "sampler_cache_info",
     "unigram_entropies",
     "unigram_entropy",
 ]

@@ -1,7 +1,8 @@
 """DiDi-Instruct: few-step distillation of an MDLM teacher by an integral-KL policy gradient.
 
-Zheng et al., arXiv:2509.25035; shared/reference/discrete_distillation.md section 1; the
-estimator and its derivation are in `didi_losses`.
+Zheng et al., "Ultra-Fast Language Generation via Discrete Diffusion Divergence Instruct",
+arXiv:2509.25035; the estimator and its derivation are in `didi_losses`. Teacher loading, the
+schedule, sampling and the evaluation prelude are the text-student scaffold (`student`).
 
 Networks (all the teacher's `DiT` architecture):
 - the student, initialised from the teacher's params, trained on `student_loss`;
@@ -42,21 +43,17 @@ step input instead.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from didistill.data import text
 from didistill.diffusion import masked
 from didistill.distill.discrete import didi_losses as losses
-from didistill.distill.discrete import guided_sampling
-from didistill.distill.teachers.mdlm import load_teacher_denoiser, logits_fn_of
+from didistill.distill.discrete import guided_sampling, student
 from didistill.eval import text as text_eval
 from didistill.train.method import Method
 from didistill.train.optim import apply_gradients, ema_update, make_optimizer
@@ -134,61 +131,62 @@ def validate(config, depth: int) -> None:
             raise ValueError(f"bad DiDi-Instruct config: config.{message}")
 
 
-def make_method(config) -> Method:
-    """Builds the DiDi-Instruct `Method` for a `configs/synthetic_didi.py` config."""
-    if not config.teacher.path:
-        raise ValueError(
-            "config.teacher.path is empty: point it at a teacher_params.msgpack written by "
-            "configs/synthetic_mdlm.py (python -m didistill.main --config=configs/"
-            "synthetic_mdlm.py:LANGUAGE --workdir=DIR)"
-        )
-    net, teacher_params, meta = load_teacher_denoiser(config.teacher.path)
-    validate(config, net.depth)
-    d, ecfg = config.distill, config.eval
-    lang = text.get_language(config.data.language)
-    length, mask_id = config.data.length, net.vocab_size
-    if lang.vocab_size != net.vocab_size or length > net.max_length:
-        raise ValueError(
-            f"config.data (language {config.data.language!r}, V={lang.vocab_size}, length "
-            f"{length}) does not fit the teacher (V={net.vocab_size}, max_length "
-            f"{net.max_length}); use the language and length the teacher was trained on"
-        )
-    dcfg = meta.get("diffusion", {})
-    schedule = masked.get_schedule(dcfg.get("schedule", "loglinear"), dcfg.get("eps", 1e-3))
-    batch_size, group = config.train.batch_size, d.group_size
-    k_blocks = d.disc_trainable_blocks
-    block_names = [f"block{i}" for i in range(net.depth - k_blocks, net.depth)]
-    head = TokenHead(net.width)
-    opt_s = make_optimizer(config.optim_student)
-    opt_d = make_optimizer(config.optim_discriminator)
-    teacher_fn = logits_fn_of(net, teacher_params)
-    cache = not net.time_conditioning
+class DiDiInstruct:
+    """One DiDi-Instruct run on a loaded teacher; `make_method` exposes its `init`, `step`,
+    `evaluate` and `batches`. The teacher params are closed over (jit constants)."""
 
-    def disc_logits(disc, z, t):  # per-token logits [B, L]
-        inner = dict(teacher_params["params"], **disc["blocks"])
-        _, hidden = net.apply({"params": inner}, z, t, return_hidden=1)  # [1, B, L, D]
-        if k_blocks == 0:
+    def __init__(self, config):
+        self.config, self.d = config, config.distill
+        self.scaffold = student.load(config, lambda net: validate(config, net.depth))
+        net = self.scaffold.net
+        k_blocks = self.d.disc_trainable_blocks
+        self.block_names = [f"block{i}" for i in range(net.depth - k_blocks, net.depth)]
+        self.head = TokenHead(net.width)
+        self.opt_s = make_optimizer(config.optim_student)
+        self.opt_d = make_optimizer(config.optim_discriminator)
+        self.teacher_fn = self.scaffold.logits_fn(self.scaffold.teacher_params)
+        self.batch_size = config.train.batch_size
+        self._guided = {}  # num_steps -> jitted guided sampler
+
+    def token_logits(self, disc, z, t, *, stop_frozen: bool = True):
+        """Discriminator logits [B, L] of tokens z [B, L] (or soft [B, L, V + 1]) at t [B].
+        With K = 0 trainable blocks and `stop_frozen`, no gradient reaches the frozen trunk."""
+        inner = dict(self.scaffold.teacher_params["params"], **disc["blocks"])
+        _, hidden = self.scaffold.net.apply({"params": inner}, z, t, return_hidden=1)  # [1,B,L,D]
+        if stop_frozen and self.d.disc_trainable_blocks == 0:
             hidden = jax.lax.stop_gradient(hidden)
-        return head.apply(disc["head"], hidden[0])
+        return self.head.apply(disc["head"], hidden[0])
 
-    def init(key):
-        blocks = {n: teacher_params["params"][n] for n in block_names}
-        head_params = head.init(key, jnp.zeros((1, length, net.width), jnp.float32))
+    def init(self, key):
+        teacher_params, length = self.scaffold.teacher_params, self.scaffold.length
+        blocks = {n: teacher_params["params"][n] for n in self.block_names}
+        zeros = jnp.zeros((1, length, self.scaffold.net.width), jnp.float32)
+        head_params = self.head.init(key, zeros)
         disc = {"blocks": blocks, "head": head_params}
-        student = jax.tree.map(jnp.array, teacher_params)
-        return DiDiState(student, opt_s.init(student), student, disc, opt_d.init(disc))
+        student_params = self.scaffold.teacher_copy()
+        return DiDiState(
+            student_params, self.opt_s.init(student_params), student_params, disc,
+            self.opt_d.init(disc),
+        )  # fmt: skip
 
-    def sample_tau(key, n):  # [n] in [tau_min, tau_max]
+    def sample_tau(self, key, n):  # [n] in [tau_min, tau_max]
+        d = self.d
         tau = jax.random.beta(key, d.tau_a, d.tau_b, (n,))
         return jnp.clip(tau, d.tau_min, d.tau_max)
 
-    def trajectory(params, key, tau):
-        """m -> (z_tau ->) x; returns x [B, L], path log-prob [B], per-step (z, logits)."""
+    def corrupt_times(self, key, tau):  # the time of the discriminator's (and reward's) corruption
+        if self.d.coupled_time:
+            return tau
+        return jax.random.uniform(key, tau.shape, minval=self.d.tau_min, maxval=self.d.tau_max)
+
+    def trajectory(self, params, key, tau):
+        """m -> (z_tau ->) x; returns x [B, L], path log-prob [B], per-step (z, t, logits)."""
+        d, scaffold, schedule = self.d, self.scaffold, self.scaffold.schedule
         n = tau.shape[0]
-        fn = logits_fn_of(net, params)
+        fn = scaffold.logits_fn(params)
         ones, zeros = jnp.ones((n,)), jnp.zeros((n,))
         times = [ones, tau, zeros] if d.score_decomposition else [ones, zeros]  # t_0 > ... > 0
-        z = masked.all_masked(n, length, mask_id)
+        z = masked.all_masked(n, scaffold.length, scaffold.mask_id)
         log_q, steps = jnp.zeros((n,)), []
         for i, k in enumerate(jax.random.split(key, len(times) - 1)):
             t, s = times[i], times[i + 1]
@@ -203,72 +201,88 @@ def make_method(config) -> Method:
             z = z_next
         return z, log_q, steps
 
-    def real_samples(key, data_tokens):  # [B, L]
-        if d.real == "data":
+    def real_samples(self, key, data_tokens):  # [B, L]
+        if self.d.real == "data":
             return data_tokens
+        scaffold = self.scaffold
+        x_init = masked.all_masked(self.batch_size, scaffold.length, scaffold.mask_id)
         tokens, _ = masked.ancestral_sample(
-            teacher_fn, key, masked.all_masked(batch_size, length, mask_id), schedule,
-            d.teacher_sample_steps, cache=cache,
+            self.teacher_fn, key, x_init, scaffold.schedule, self.d.teacher_sample_steps,
+            cache=scaffold.cache,
         )  # fmt: skip
         return tokens
 
-    def corrupt_times(key, tau):  # the time of the discriminator's (and reward's) corruption
-        if d.coupled_time:
-            return tau
-        return jax.random.uniform(key, tau.shape, minval=d.tau_min, maxval=d.tau_max)
-
-    def critic_update(state, data_tokens, key):
+    def critic_update(self, state, data_tokens, key):
+        """One discriminator step: BCE of real (teacher or data) vs student samples, both
+        forward-corrupted, on masked positions."""
+        schedule, mask_id = self.scaffold.schedule, self.scaffold.mask_id
         k_real, k_fake, k_tau, k_t, k_mr, k_mf = jax.random.split(key, 6)
-        real = real_samples(k_real, data_tokens)
-        tau = sample_tau(k_tau, batch_size)
-        fake, _, _ = trajectory(state.student, k_fake, tau)
-        t = corrupt_times(k_t, tau)
-        t_real = corrupt_times(jax.random.fold_in(k_t, 1), tau)
+        real = self.real_samples(k_real, data_tokens)
+        tau = self.sample_tau(k_tau, self.batch_size)
+        fake, _, _ = self.trajectory(state.student, k_fake, tau)
+        t = self.corrupt_times(k_t, tau)
+        t_real = self.corrupt_times(jax.random.fold_in(k_t, 1), tau)
         z_real = masked.forward_mask(k_mr, real, t_real, schedule, mask_id)  # [B, L]
         z_fake = masked.forward_mask(k_mf, fake, t, schedule, mask_id)
 
         def loss_fn(disc):
             return losses.discriminator_loss(
-                disc_logits(disc, z_real, t_real), disc_logits(disc, z_fake, t),
-                z_real == mask_id, z_fake == mask_id, d.label_smoothing,
+                self.token_logits(disc, z_real, t_real), self.token_logits(disc, z_fake, t),
+                z_real == mask_id, z_fake == mask_id, self.d.label_smoothing,
             )  # fmt: skip
 
         loss, grads = jax.value_and_grad(loss_fn)(state.discriminator)
-        disc, disc_opt = apply_gradients(opt_d, state.discriminator, state.discriminator_opt, grads)
+        disc, disc_opt = apply_gradients(
+            self.opt_d, state.discriminator, state.discriminator_opt, grads
+        )
         state = state.replace(discriminator=disc, discriminator_opt=disc_opt)
         return state, {"discriminator_loss": loss}
 
-    def student_objective(params, state, key):
-        k_tau, k_traj, k_t, k_mask = jax.random.split(key, 4)
-        tau = sample_tau(k_tau, batch_size)
-        x, log_q, steps = trajectory(params, k_traj, tau)
-        t = corrupt_times(k_t, tau)
-        z = masked.forward_mask(k_mask, x, t, schedule, mask_id)
-        token_logits = disc_logits(state.discriminator, z, t)
-        reward = jax.lax.stop_gradient(
-            losses.sequence_reward(token_logits, z == mask_id, d.reward_clip)
-        )  # [B], estimates log q_teacher / q_student
-        adv = (
-            losses.grouped_normalize(reward, group, d.advantage_clip)
-            if d.reward_normalize
-            else reward
-        )
-        weight = losses.time_weight(schedule, t, d.time_weight)
-        if d.importance_weight:  # / pi(t): Beta(a, b) density (coupled) or uniform (ignores clamp)
+    def weight(self, t):
+        """omega(t) (`time_weight`), divided by pi(t) with `importance_weight`: the Beta(a, b)
+        density (coupled time) or the uniform one (both ignore the clamp)."""
+        d = self.d
+        weight = losses.time_weight(self.scaffold.schedule, t, d.time_weight)
+        if d.importance_weight:
             log_pi = (
                 jax.scipy.stats.beta.logpdf(t, d.tau_a, d.tau_b)
                 if d.coupled_time
                 else -jnp.log(d.tau_max - d.tau_min) * jnp.ones_like(t)
             )
             weight = weight * jnp.exp(-log_pi)
-        pg = losses.policy_gradient_loss(adv, log_q, weight)
+        return weight
+
+    def regularisers(self, steps):
+        """(KL(teacher || student), entropy) summed over the masked positions of every step."""
+        d, mask_id = self.d, self.scaffold.mask_id
         kl, ent = jnp.zeros(()), jnp.zeros(())
         for z_step, t_step, logits in steps:
             if d.kl_weight > 0:
-                teacher_logits = jax.lax.stop_gradient(teacher_fn(z_step, t_step))
+                teacher_logits = jax.lax.stop_gradient(self.teacher_fn(z_step, t_step))
                 kl = kl + losses.kl_to_teacher(logits, teacher_logits, z_step == mask_id)
             if d.entropy_weight > 0:
                 ent = ent + losses.entropy(logits, z_step == mask_id)
+        return kl, ent
+
+    def student_objective(self, params, state, key):
+        d, schedule, mask_id = self.d, self.scaffold.schedule, self.scaffold.mask_id
+        k_tau, k_traj, k_t, k_mask = jax.random.split(key, 4)
+        tau = self.sample_tau(k_tau, self.batch_size)
+        x, log_q, steps = self.trajectory(params, k_traj, tau)
+        t = self.corrupt_times(k_t, tau)
+        z = masked.forward_mask(k_mask, x, t, schedule, mask_id)
+        token_logits = self.token_logits(state.discriminator, z, t)
+        reward = jax.lax.stop_gradient(
+            losses.sequence_reward(token_logits, z == mask_id, d.reward_clip)
+        )  # [B], estimates log q_teacher / q_student
+        adv = (
+            losses.grouped_normalize(reward, d.group_size, d.advantage_clip)
+            if d.reward_normalize
+            else reward
+        )
+        weight = self.weight(t)
+        pg = losses.policy_gradient_loss(adv, log_q, weight)
+        kl, ent = self.regularisers(steps)
         total = losses.student_loss(pg, kl, ent, d.kl_weight, d.entropy_weight)
         aux = {
             "pg_loss": pg, "kl_to_teacher": kl, "entropy": ent, "reward_mean": jnp.mean(reward),
@@ -277,105 +291,101 @@ def make_method(config) -> Method:
         }  # fmt: skip
         return total, aux
 
-    def step(state, batch, key, step_index):
+    def step(self, state, batch, key, step_index):
         del step_index
+        d = self.d
         k_critic, k_student = jax.random.split(key)
         critic_metrics = {}
         if d.critic_steps > 0:
             data = jnp.swapaxes(batch["tokens"], 0, 1)  # [critic_steps, B, L]
             keys = jax.random.split(k_critic, d.critic_steps)
             state, critic_metrics = jax.lax.scan(
-                lambda s, inputs: critic_update(s, *inputs), state, (data, keys)
+                lambda s, inputs: self.critic_update(s, *inputs), state, (data, keys)
             )
-        (loss, aux), grads = jax.value_and_grad(student_objective, has_aux=True)(
+        (loss, aux), grads = jax.value_and_grad(self.student_objective, has_aux=True)(
             state.student, state, k_student
         )
-        student, student_opt = apply_gradients(opt_s, state.student, state.student_opt, grads)
+        student_params, student_opt = apply_gradients(
+            self.opt_s, state.student, state.student_opt, grads
+        )
         state = state.replace(
-            student=student,
+            student=student_params,
             student_opt=student_opt,
-            student_ema=ema_update(state.student_ema, student, config.ema_decay),
+            student_ema=ema_update(state.student_ema, student_params, self.config.ema_decay),
         )
         metrics = dict(aux, student_loss=loss, student_grad_norm=optax.tree.norm(grads))
         metrics.update({k: jnp.mean(v) for k, v in critic_metrics.items()})
         return state, metrics
 
-    def sample(params, key, num_steps):
-        fn = jax.jit(
-            lambda p, k, x: masked.ancestral_sample(
-                logits_fn_of(net, p), k, x, schedule, num_steps, cache=cache
-            )
-        )
-        return text_eval.sample_in_chunks(
-            lambda k, x: fn(params, k, x), key, ecfg.num_samples, ecfg.batch_size, length, mask_id
-        )
+    def log_ratio(self, disc, tokens, t, is_masked):
+        """log r [B]: the sum (`eval.guided.aggregate='sum'`) or mean of the discriminator's
+        token logits over masked positions; tokens int [B, L] or soft [B, L, V + 1]. No
+        stop-gradient on the frozen trunk: the tilt needs d log r / d tokens."""
+        token_logits = self.token_logits(disc, tokens, t, stop_frozen=False)  # [B, L]
+        total = jnp.sum(jnp.where(is_masked, token_logits, 0.0), axis=-1)
+        if self.config.eval.guided.aggregate == "sum":
+            return total
+        return total / jnp.maximum(jnp.sum(is_masked, axis=-1), 1)
 
-    def sample_guided(params, disc, key, num_steps):
+    def sample_guided(self, params, disc, key, num_steps):
         """RGAS samples [num_samples, L] of `params` steered by `disc`, and the NFE dict."""
+        ecfg, scaffold = self.config.eval, self.scaffold
         g = ecfg.guided
         if g.aggregate not in ("sum", "mean"):
             raise ValueError(f"config.eval.guided.aggregate={g.aggregate!r}: 'sum' or 'mean'")
+        if num_steps not in self._guided:
 
-        def log_ratio(disc, tokens, t, is_masked):  # [B]; tokens int [B, L] or soft [B, L, V+1]
-            # disc_logits without its K = 0 stop_gradient: the tilt needs d log r / d tokens
-            inner = dict(teacher_params["params"], **disc["blocks"])
-            _, hidden = net.apply({"params": inner}, tokens, t, return_hidden=1)
-            token_logits = head.apply(disc["head"], hidden[0])  # [B, L]
-            total = jnp.sum(jnp.where(is_masked, token_logits, 0.0), axis=-1)
-            if g.aggregate == "sum":
-                return total
-            return total / jnp.maximum(jnp.sum(is_masked, axis=-1), 1)
+            def run(p, dsc, k, x):
+                return guided_sampling.guided_sample(
+                    scaffold.logits_fn(p), lambda z, t, m: self.log_ratio(dsc, z, t, m), k,
+                    x.shape[0], scaffold.length, num_steps, scaffold.mask_id, scaffold.schedule,
+                    g.guidance_scale, g.tilt_until, g.best_of,
+                    guidance_scale_end=g.guidance_scale_end, grad_clip=g.grad_clip,
+                    tilt_input=g.tilt_input, rerank_temperature=g.rerank_temperature,
+                    cache=scaffold.cache, x_init=x,
+                )  # fmt: skip
 
-        def run(p, dsc, k, x):
-            return guided_sampling.guided_sample(
-                logits_fn_of(net, p), lambda z, t, m: log_ratio(dsc, z, t, m), k, x.shape[0],
-                length, num_steps, mask_id, schedule, g.guidance_scale, g.tilt_until, g.best_of,
-                guidance_scale_end=g.guidance_scale_end, grad_clip=g.grad_clip,
-                tilt_input=g.tilt_input, rerank_temperature=g.rerank_temperature, cache=cache,
-                x_init=x,
-            )  # fmt: skip
-
-        fn = jax.jit(run)
+            self._guided[num_steps] = jax.jit(run)
+        fn = self._guided[num_steps]
         return text_eval.sample_in_chunks(
             lambda k, x: fn(params, disc, k, x),
-            key, ecfg.num_samples, ecfg.batch_size, length, mask_id,
+            key, ecfg.num_samples, ecfg.batch_size, scaffold.length, scaffold.mask_id,
         )  # fmt: skip
 
-    def evaluate(state, key, workdir):
-        del workdir
-        judge = text_eval.exact_judge(lang, ecfg.judge_smoothing)
-        data = lang.sample(
-            np.random.default_rng([config.seed, 2**31 - 1]), ecfg.num_samples, length
-        )
-        results = {f"data/{k}": v for k, v in text_eval.sample_report(data, judge, 0, lang).items()}
-        models = {"student": jax.device_get(state.student_ema), "teacher": teacher_params}
-        steps = ecfg.sample_steps
-        results.update(text_eval.reports_at_steps(sample, models, key, steps, judge, lang))
-        if ecfg.get("guided") is not None and ecfg.guided.enabled:
-            disc = jax.device_get(state.discriminator)
-            for num_steps in ecfg.sample_steps:  # the plain student's keys: paired comparison
-                tokens, nfe = sample_guided(
-                    models["student"], disc, jax.random.fold_in(key, num_steps), num_steps
-                )
-                report = text_eval.sample_report(tokens, judge, nfe["student"], lang)
-                report.update({f"nfe_{k}": v for k, v in nfe.items() if k != "student"})
-                results.update(
-                    {f"student_guided/steps{num_steps}/{k}": v for k, v in report.items()}
-                )
-        results["source/gen_ppl"] = math.exp(lang.entropy_per_token(length))
+    def guided_reports(self, student_params, state, judge, key):
+        """`student_guided/steps{N}/...` at every eval.sample_steps, with the plain student's
+        keys (paired comparison)."""
+        disc, results = jax.device_get(state.discriminator), {}
+        for num_steps in self.config.eval.sample_steps:
+            tokens, nfe = self.sample_guided(
+                student_params, disc, jax.random.fold_in(key, num_steps), num_steps
+            )
+            report = text_eval.sample_report(tokens, judge, nfe["student"], self.scaffold.lang)
+            report.update({f"nfe_{k}": v for k, v in nfe.items() if k != "student"})
+            results.update({f"student_guided/steps{num_steps}/{k}": v for k, v in report.items()})
         return results
 
-    def batches(start_step):
-        local = batch_size // jax.process_count()
-        rows = max(d.critic_steps, 1)
-        for b in text.batches(
-            lang, config.seed, local * rows, length, start_step, jax.process_index()
-        ):
-            yield {"tokens": b["tokens"].reshape(local, rows, length)}  # [B, critic_steps, L]
+    def evaluate(self, state, key, workdir):
+        del workdir
+        ecfg = self.config.eval
+        student_params = jax.device_get(state.student_ema)
+        judge, results = self.scaffold.evaluate_prelude(student_params, key)
+        if ecfg.get("guided") is not None and ecfg.guided.enabled:
+            results.update(self.guided_reports(student_params, state, judge, key))
+        results.update(self.scaffold.source_report())
+        return results
 
+    def batches(self, start_step):  # {'tokens': [B, max(critic_steps, 1), L]}
+        return self.scaffold.batches(start_step, rows=max(self.d.critic_steps, 1))
+
+
+def make_method(config) -> Method:
+    """Builds the DiDi-Instruct `Method` for a `configs/synthetic_didi.py` config."""
+    run = DiDiInstruct(config)
     return Method(
-        init=init, step=step, evaluate=evaluate, batches=batches, global_batch_size=batch_size
-    )
+        init=run.init, step=run.step, evaluate=run.evaluate, batches=run.batches,
+        global_batch_size=run.batch_size,
+    )  # fmt: skip
 
 
-__all__ = ["DiDiState", "TokenHead", "make_method", "validate"]
+__all__ = ["DiDiInstruct", "DiDiState", "TokenHead", "make_method", "validate"]

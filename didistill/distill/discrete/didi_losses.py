@@ -1,7 +1,7 @@
 """DiDi-Instruct losses: pure functions, one screen each.
 
 Zheng et al., "Ultra-Fast Language Generation via Discrete Diffusion Divergence Instruct"
-(arXiv:2509.25035); see shared/reference/discrete_distillation.md section 1.
+(arXiv:2509.25035).
 
 Notation: p_nu is the student generator (a few-step masked-diffusion sampler started from
 all-[MASK]), q_nu(z, t) = sum_x p_nu(x) Q_t(z | x) its noised marginal; q_theta(z, t) the

@@ -1,9 +1,9 @@
 """Reward-guided ancestral sampling (RGAS) of DiDi-Instruct for masked diffusion students.
 
-Zheng et al., arXiv:2509.25035; shared/reference/discrete_distillation.md section 1.8 (read
-from the authors' `algo.py`). The discriminator of DiDi-Instruct estimates the log density
-ratio log r(z, t) = log q_teacher(z, t) - log q_student(z, t) (the "reward"); at inference it
-steers the student's MDLM ancestral sampler (`didistill.diffusion.masked`) towards states the
+Zheng et al., arXiv:2509.25035 (the sampler as read from the authors' `algo.py`). The
+discriminator of DiDi-Instruct estimates the log density ratio
+log r(z, t) = log q_teacher(z, t) - log q_student(z, t) (the "reward"); at inference it steers
+the student's MDLM ancestral sampler (`didistill.diffusion.masked`) towards states the
 discriminator finds teacher-like. On the grid t_i = 1 - i/N (`masked.time_grid`):
 
 Early steps, t_i > `tilt_until` (the reference's first (1 - rerank_ratio) N steps): gradient

@@ -1,10 +1,10 @@
 """Step halving: SDTT-style self-distillation of an MDLM teacher, with any categorical divergence.
 
 Deschenaux & Gulcehre, "Beyond Autoregression: Fast LLMs via Self-Distillation Through Time",
-ICLR 2025 (arXiv:2410.21035); shared/reference/discrete_distillation.md section 3.1. A student
-initialised from the teacher learns to do in ONE ancestral step t -> s what the teacher does in
-TWO steps t -> m -> s (m the midpoint). Any divergence of `categorical_names()` is the matching
-loss (`config.distill.divergence`), so divergences can be compared on discrete students.
+ICLR 2025 (arXiv:2410.21035). A student initialised from the teacher learns to do in ONE
+ancestral step t -> s what the teacher does in TWO steps t -> m -> s (m the midpoint). Any
+divergence of `categorical_names()` is the matching loss (`config.distill.divergence`), so
+divergences can be compared on discrete students.
 
 Notation (`didistill.diffusion.masked`): a_t = alpha_t; x_T(z), x_S(z) are the SUBS denoisers of
 teacher and student (probabilities over the V tokens, 0 on [MASK], a one-hot at unmasked
@@ -81,10 +81,13 @@ round k is a frozen copy of the student at the end of round k - 1 (`teacher_from
 EMA, which also becomes the student, as SDTT's `use_ema_on_growth`). It lives in the state
 (`StepHalvingState.teacher`, starting as the loaded teacher) and is switched inside the jitted
 step by `lax.cond` on `k > state.round`: no host round trip, and a resumed run is exact. This
-departs from DESIGN's "teacher params never in the state": from round 1 on the teacher IS a
-student snapshot, so checkpoints hold it (one extra copy of the params). The step sizes follow
-the traced k, so one compiled step serves every round. `train.num_steps` beyond
-rounds * steps_per_round continues the last round.
+departs from the library's convention that teacher params stay out of the train state
+(docs/design.md): from round 1 on the teacher IS a student snapshot, so checkpoints hold it
+(one extra copy of the params). The step sizes follow the traced k, so one compiled step serves
+every round. `train.num_steps` beyond rounds * steps_per_round continues the last round.
+
+Teacher loading, the schedule, the cached sampler and the evaluation prelude are the
+text-student scaffold (`student`).
 
 Departures from the reference: the teacher's second step starts at the midpoint m = t - h/2 (a
 public copy of SDTT's code I read starts it at t - h, its `linspace` of 2 points; unverified in
@@ -102,11 +105,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from didistill.data import text
 from didistill.diffusion import masked
-from didistill.distill.teachers.mdlm import load_teacher_denoiser, logits_fn_of
+from didistill.distill.discrete import student
+from didistill.distill.teachers.mdlm import logits_fn_of
 from didistill.divergences.categorical import categorical_from_log_probs, categorical_names
-from didistill.eval import text as text_eval
 from didistill.train.method import Method
 from didistill.train.optim import apply_gradients, ema_update, make_optimizer
 
@@ -256,37 +258,18 @@ def validate(config) -> None:
 
 def make_method(config) -> Method:
     """Builds the step-halving `Method` for a `configs/synthetic_sdtt.py` config."""
-    if not config.teacher.path:
-        raise ValueError(
-            "config.teacher.path is empty: point it at a teacher_params.msgpack written by "
-            "configs/synthetic_mdlm.py (python -m didistill.main --config=configs/"
-            "synthetic_mdlm.py:LANGUAGE --workdir=DIR)"
-        )
-    validate(config)
-    net, teacher_params, meta = load_teacher_denoiser(config.teacher.path)
-    d, ecfg = config.distill, config.eval
-    lang = text.get_language(config.data.language)
-    length, mask_id = config.data.length, net.vocab_size
-    if lang.vocab_size != net.vocab_size or length > net.max_length:
-        raise ValueError(
-            f"config.data (language {config.data.language!r}, V={lang.vocab_size}, length "
-            f"{length}) does not fit the teacher (V={net.vocab_size}, max_length "
-            f"{net.max_length}); use the language and length the teacher was trained on"
-        )
-    dcfg = meta.get("diffusion", {})
-    schedule = masked.get_schedule(dcfg.get("schedule", "loglinear"), dcfg.get("eps", 1e-3))
-    batch_size = config.train.batch_size
+    scaffold = student.load(config, lambda net: validate(config))
+    d, net = config.distill, scaffold.net
     optimizer = make_optimizer(config.optim_student)
-    loss_fn = make_loss(d, schedule, mask_id)
-    cache = not net.time_conditioning
+    loss_fn = make_loss(d, scaffold.schedule, scaffold.mask_id)
 
     def init(key):
         del key  # the student starts as the teacher
-        student = jax.tree.map(jnp.array, teacher_params)
-        teacher = jax.tree.map(jnp.array, teacher_params)
+        student_params, teacher = scaffold.teacher_copy(), scaffold.teacher_copy()
         return StepHalvingState(
-            student, optimizer.init(student), student, teacher, jnp.zeros((), jnp.int32)
-        )
+            student_params, optimizer.init(student_params), student_params, teacher,
+            jnp.zeros((), jnp.int32),
+        )  # fmt: skip
 
     def next_round(state, round_index):
         """Round k > state.round: the teacher becomes the student (or its EMA)."""
@@ -311,11 +294,13 @@ def make_method(config) -> Method:
             return loss_fn(logits_fn_of(net, params), teacher_fn, key, batch["tokens"], state.round)
 
         (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.student)
-        student, student_opt = apply_gradients(optimizer, state.student, state.student_opt, grads)
+        student_params, student_opt = apply_gradients(
+            optimizer, state.student, state.student_opt, grads
+        )
         state = state.replace(
-            student=student,
+            student=student_params,
             student_opt=student_opt,
-            student_ema=ema_update(state.student_ema, student, config.ema_decay),
+            student_ema=ema_update(state.student_ema, student_params, config.ema_decay),
         )
         teacher_steps = d.teacher_steps * 0.5 ** state.round.astype(jnp.float32)
         metrics = dict(
@@ -324,43 +309,19 @@ def make_method(config) -> Method:
         )  # fmt: skip
         return state, metrics
 
-    samplers = {}  # num_steps -> jitted sampler, shared by student and teacher
-
-    def sample(params, key, num_steps):
-        if num_steps not in samplers:
-            samplers[num_steps] = jax.jit(
-                lambda p, k, x: masked.ancestral_sample(
-                    logits_fn_of(net, p), k, x, schedule, num_steps, cache=cache
-                )
-            )
-        fn = samplers[num_steps]
-        return text_eval.sample_in_chunks(
-            lambda k, x: fn(params, k, x), key, ecfg.num_samples, ecfg.batch_size, length, mask_id
-        )
-
     def evaluate(state, key, workdir):
         del workdir
-        judge = text_eval.exact_judge(lang, ecfg.judge_smoothing)
-        data = lang.sample(
-            np.random.default_rng([config.seed, 2**31 - 1]), ecfg.num_samples, length
-        )
-        results = {f"data/{k}": v for k, v in text_eval.sample_report(data, judge, 0, lang).items()}
-        models = {"student": jax.device_get(state.student_ema), "teacher": teacher_params}
-        steps = ecfg.sample_steps
-        results.update(text_eval.reports_at_steps(sample, models, key, steps, judge, lang))
+        _, results = scaffold.evaluate_prelude(jax.device_get(state.student_ema), key)
         final_round = int(jax.device_get(state.round))
         results["distill/round"] = final_round
         results["distill/student_steps"] = d.teacher_steps // 2 ** (final_round + 1)
-        results["source/gen_ppl"] = math.exp(lang.entropy_per_token(length))
+        results.update(scaffold.source_report())
         return results
 
-    def batches(start_step):
-        local = batch_size // jax.process_count()
-        return text.batches(lang, config.seed, local, length, start_step, jax.process_index())
-
     return Method(
-        init=init, step=step, evaluate=evaluate, batches=batches, global_batch_size=batch_size
-    )
+        init=init, step=step, evaluate=evaluate, batches=scaffold.batches,
+        global_batch_size=config.train.batch_size,
+    )  # fmt: skip
 
 
 __all__ = [

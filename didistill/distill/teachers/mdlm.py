@@ -129,16 +129,12 @@ def make_method(config) -> Method:
         )  # fmt: skip
         return jnp.mean(per_seq) / length
 
-    def sample(params, key, num_steps):
+    def sample(params, key, num_steps):  # the shared cached sampler (the students' too)
         dtype = jnp.float64 if ecfg.float64 else jnp.float32
-        fn = jax.jit(
-            lambda p, k, x: masked.ancestral_sample(
-                logits_fn_of(net, p), k, x, schedule, num_steps, cache=cache, dtype=dtype
-            )
-        )
-        return text_eval.sample_in_chunks(
-            lambda k, x: fn(params, k, x), key, ecfg.num_samples, ecfg.batch_size, length, mask_id
-        )
+        return text_eval.ancestral_samples(
+            net, params, key, num_steps, schedule, num_samples=ecfg.num_samples,
+            batch_size=ecfg.batch_size, length=length, mask_id=mask_id, cache=cache, dtype=dtype,
+        )  # fmt: skip
 
     def evaluate(state, key, workdir):
         ema_params = jax.device_get(state.ema_params)
