@@ -202,7 +202,7 @@ def workloads(quick: bool, tmpdir: str, patterns=None) -> list[dict]:
         out.append(dict(name="text/mdlm_teacher", group="text", config=config, unit="tokens"))
     if want("text/didi_instruct"):
         config = synthetic_didi.get_config("markov" + smoke)
-        config.teacher.path = _mdlm_teacher_path(quick, tmpdir)
+        config.teacher.checkpoint = _mdlm_teacher_path(quick, tmpdir)
         out.append(
             dict(
                 name="text/didi_instruct",

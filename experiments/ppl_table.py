@@ -76,7 +76,7 @@ def teacher_path(args) -> str:
 
 
 def _common(config, teacher: str, meta: dict, steps: tuple[int, ...]):
-    config.teacher.path = teacher
+    config.teacher.checkpoint = teacher
     config.data.language = meta["data"]["language"]
     config.data.length = int(meta["data"]["length"])
     config.eval.sample_steps = steps

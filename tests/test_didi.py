@@ -26,7 +26,7 @@ def tiny_teacher(tmp_path_factory):
 
 def _config(teacher_path, **distill):
     config = synthetic_didi.get_config(f"{LANGUAGE},smoke")
-    config.teacher.path = teacher_path
+    config.teacher.checkpoint = teacher_path
     config.data.length = LENGTH
     config.distill.update(teacher_sample_steps=2, **distill)
     config.eval.update(num_samples=8, batch_size=8, sample_steps=(2,))
@@ -108,7 +108,7 @@ def test_bad_configs_say_what_to_set(tiny_teacher, change, message):
 
 
 def test_missing_teacher_and_mismatched_language_are_clear(tiny_teacher, tmp_path):
-    with pytest.raises(ValueError, match="teacher.path is empty"):
+    with pytest.raises(ValueError, match="teacher.checkpoint is empty"):
         didi.make_method(_config(""))
     with pytest.raises(FileNotFoundError, match="Train one first"):
         didi.make_method(_config(str(tmp_path / "none.msgpack")))
@@ -134,7 +134,7 @@ def test_short_cpu_run_beats_the_shipped_teachers_8_step_sampling(tmp_path):
     from didistill.train.loop import train
 
     config = synthetic_didi.get_config("markov_tiny,cpu")
-    config.teacher.path = os.path.join(REPO, config.teacher.path)
+    config.teacher.checkpoint = os.path.join(REPO, config.teacher.checkpoint)
     config.eval.sample_steps = (8,)
     config.train.update(progress=False, checkpoint_every=0)
     results = train(get_method(config), config, str(tmp_path))["eval"]

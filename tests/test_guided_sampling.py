@@ -169,7 +169,7 @@ def tiny_teacher(tmp_path_factory):
 
 def _didi_config(teacher_path, **guided):
     config = synthetic_didi.get_config(f"{LANGUAGE},smoke")
-    config.teacher.path = teacher_path
+    config.teacher.checkpoint = teacher_path
     config.data.length = LENGTH
     config.distill.update(teacher_sample_steps=2)
     config.eval.update(num_samples=8, batch_size=8, sample_steps=(2,))

@@ -30,7 +30,7 @@ def tiny_teacher(tmp_path_factory):
 
 def _config(teacher_path, **distill):
     config = synthetic_sdtt.get_config(f"{LANGUAGE},smoke")
-    config.teacher.path = teacher_path
+    config.teacher.checkpoint = teacher_path
     config.data.length = LENGTH
     config.distill.update(**distill)
     config.eval.update(num_samples=8, batch_size=8, sample_steps=(2,))
@@ -322,7 +322,7 @@ def test_onehot_target_accepts_divergences_finite_there(tiny_teacher):
 
 
 def test_missing_teacher_and_config_arg_errors(tiny_teacher):
-    with pytest.raises(ValueError, match="teacher.path is empty"):
+    with pytest.raises(ValueError, match="teacher.checkpoint is empty"):
         sh.make_method(_config(""))
     config = _config(tiny_teacher)
     config.data.language = "markov"

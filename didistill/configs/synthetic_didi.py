@@ -1,6 +1,6 @@
 """DiDi-Instruct on a synthetic language (didistill/distill/discrete/didi.py).
 
-    --config=configs/synthetic_didi.py:markov --config.teacher.path=DIR/teacher_params.msgpack
+    --config=configs/synthetic_didi.py:markov --config.teacher.checkpoint=DIR/teacher_params.msgpack
     --config=configs/synthetic_didi.py:markov,smoke       tiny run, for tests
     --config=configs/synthetic_didi.py:markov_tiny,cpu   minutes on 2 CPU cores from the shipped
                                                           teacher (assets/text, length 32)
@@ -28,7 +28,7 @@ def get_config(arg=None):
     smoke = "smoke" in flags
     config = base.get_config()
     config.method = "didi_instruct"
-    config.teacher = ml_collections.ConfigDict(dict(path=""))  # teacher_params.msgpack
+    config.teacher = ml_collections.ConfigDict(dict(checkpoint=""))  # teacher_params.msgpack
     config.data = ml_collections.ConfigDict(dict(kind="synthetic", language=name, length=64))
     config.distill = ml_collections.ConfigDict(
         dict(
@@ -90,7 +90,7 @@ def get_config(arg=None):
         # discriminator that learns within the run (at 1e-4 and one critic update its loss
         # stayed at log 2 for 200 steps, so the reward was noise); EMA short enough to move.
         if name == SHIPPED_LANGUAGE:
-            config.teacher.path = SHIPPED_TEACHER
+            config.teacher.checkpoint = SHIPPED_TEACHER
         config.data.length = 32
         config.distill.update(teacher_sample_steps=32, critic_steps=2)
         config.optim_student.update(learning_rate=1e-4, warmup_steps=20)

@@ -1,6 +1,6 @@
 """Step-halving (SDTT) distillation on a synthetic language (distill/discrete/step_halving.py).
 
-    --config=configs/synthetic_sdtt.py:markov --config.teacher.path=DIR/teacher_params.msgpack
+    --config=configs/synthetic_sdtt.py:markov --config.teacher.checkpoint=DIR/teacher_params.msgpack
     --config=configs/synthetic_sdtt.py:markov,smoke       tiny run, for tests
 
 The teacher comes from configs/synthetic_mdlm.py on the same language and length. Rounds:
@@ -23,7 +23,7 @@ def get_config(arg=None):
     smoke = "smoke" in flags
     config = base.get_config()
     config.method = "step_halving"
-    config.teacher = ml_collections.ConfigDict(dict(path=""))  # teacher_params.msgpack
+    config.teacher = ml_collections.ConfigDict(dict(checkpoint=""))  # teacher_params.msgpack
     config.data = ml_collections.ConfigDict(dict(kind="synthetic", language=name, length=64))
     config.distill = ml_collections.ConfigDict(
         dict(

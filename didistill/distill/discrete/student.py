@@ -6,7 +6,7 @@ denoiser x_theta(z_t, t) over V + 1 ids (V tokens, [MASK] = m = V) trained on th
 diffusion q(z_t^l | x^l) = alpha_t 1[z_t^l = x^l] + (1 - alpha_t) 1[z_t^l = m]. The student has
 the teacher's architecture and starts from its params; what it inherits from the teacher file:
 
-- the network, params and meta, checked against the config: `config.teacher.path` set, the
+- the network, params and meta, checked against the config: `config.teacher.checkpoint` set, the
   method's own config checks (`validate(net)`), then the language's vocabulary V and the
   sequence length L <= the teacher's `max_length`;
 - the schedule alpha_t (name and eps of the teacher's `diffusion` meta; log-linear, eps = 1e-3
@@ -114,16 +114,16 @@ class TextStudent:
 
 
 def load(config, validate: Callable[[DiT], None] = lambda net: None) -> TextStudent:
-    """The `TextStudent` of `config.teacher.path`; `validate(net)` checks the method's own
+    """The `TextStudent` of `config.teacher.checkpoint`; `validate(net)` checks the method's own
     config once the teacher's network is known. Raises ValueError (or FileNotFoundError for a
     missing teacher file) saying what to set."""
-    if not config.teacher.path:
+    if not config.teacher.checkpoint:
         raise ValueError(
-            "config.teacher.path is empty: point it at a teacher_params.msgpack written by "
+            "config.teacher.checkpoint is empty: point it at a teacher_params.msgpack written by "
             "configs/synthetic_mdlm.py (python -m didistill.main --config=configs/"
             "synthetic_mdlm.py:LANGUAGE --workdir=DIR)"
         )
-    net, teacher_params, meta = load_teacher_denoiser(config.teacher.path)
+    net, teacher_params, meta = load_teacher_denoiser(config.teacher.checkpoint)
     validate(net)
     lang, length = text.get_language(config.data.language), config.data.length
     if lang.vocab_size != net.vocab_size or length > net.max_length:
