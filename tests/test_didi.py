@@ -13,15 +13,9 @@ from didistill.diffusion import masked
 from didistill.distill.discrete import didi
 from didistill.distill.teachers.mdlm import load_teacher_denoiser
 from didistill.eval import text as text_eval
-from tests.tiny_text_teacher import LANGUAGE, LENGTH, save_tiny_teacher
+from tests.teachers import LANGUAGE, LENGTH
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory):
-    """A random (perturbed, so not uniform) 2-block DiT teacher for markov_tiny (V = 4)."""
-    return save_tiny_teacher(tmp_path_factory.mktemp("teacher"), depth=2)
 
 
 def _config(teacher_path, **distill):
@@ -48,8 +42,8 @@ def _moved(a, b):
         ),
     ],
 )  # fmt: skip
-def test_two_jitted_steps_are_finite_and_move_the_student(tiny_teacher, distill):
-    method = didi.make_method(_config(tiny_teacher, **distill))
+def test_two_jitted_steps_are_finite_and_move_the_student(tiny_text_teacher, distill):
+    method = didi.make_method(_config(tiny_text_teacher, **distill))
     state0 = method.init(jax.random.key(0))
     state, step = state0, jax.jit(method.step)
     batches = method.batches(0)
@@ -62,21 +56,21 @@ def test_two_jitted_steps_are_finite_and_move_the_student(tiny_teacher, distill)
     assert _moved(state.student_ema, state0.student_ema)
 
 
-def test_discriminator_freezes_all_but_last_blocks(tiny_teacher):
-    method = didi.make_method(_config(tiny_teacher, disc_trainable_blocks=1))
+def test_discriminator_freezes_all_but_last_blocks(tiny_text_teacher):
+    method = didi.make_method(_config(tiny_text_teacher, disc_trainable_blocks=1))
     state = method.init(jax.random.key(0))
     assert sorted(state.discriminator["blocks"]) == ["block1"]
 
 
-def test_evaluate_reports_student_and_teacher(tiny_teacher, tmp_path):
-    method = didi.make_method(_config(tiny_teacher))
+def test_evaluate_reports_student_and_teacher(tiny_text_teacher, tmp_path):
+    method = didi.make_method(_config(tiny_text_teacher))
     text_eval.clear_sampler_cache()
     results = method.evaluate(method.init(jax.random.key(0)), jax.random.key(1), str(tmp_path))
     # one cached sampler for student and teacher at 2 steps (params are its arguments), the
     # same as the MDLM teacher's own evaluation builds from the teacher file's network
     info = text_eval.sampler_cache_info()
     assert (info.misses, info.hits, info.currsize) == (1, 1, 1)
-    net = load_teacher_denoiser(tiny_teacher)[0]
+    net = load_teacher_denoiser(tiny_text_teacher)[0]
     text_eval.ancestral_sampler(net, masked.get_schedule("loglinear", 1e-3), 2)
     assert text_eval.sampler_cache_info().currsize == 1
     for who in ("student", "teacher"):
@@ -102,17 +96,17 @@ def test_evaluate_reports_student_and_teacher(tiny_teacher, tmp_path):
         (dict(kl_weight=-1.0), "kl_weight"),
     ],
 )
-def test_bad_configs_say_what_to_set(tiny_teacher, change, message):
+def test_bad_configs_say_what_to_set(tiny_text_teacher, change, message):
     with pytest.raises(ValueError, match=message):
-        didi.make_method(_config(tiny_teacher, **change))
+        didi.make_method(_config(tiny_text_teacher, **change))
 
 
-def test_missing_teacher_and_mismatched_language_are_clear(tiny_teacher, tmp_path):
+def test_missing_teacher_and_mismatched_language_are_clear(tiny_text_teacher, tmp_path):
     with pytest.raises(ValueError, match="teacher.checkpoint is empty"):
         didi.make_method(_config(""))
     with pytest.raises(FileNotFoundError, match="Train one first"):
         didi.make_method(_config(str(tmp_path / "none.msgpack")))
-    config = _config(tiny_teacher)
+    config = _config(tiny_text_teacher)
     config.data.language = "markov"
     with pytest.raises(ValueError, match="does not fit the teacher"):
         didi.make_method(config)

@@ -1,4 +1,4 @@
-"""f-divergence registry: generators, weights and conjugates against DESIGN.md section 1."""
+"""f-divergence registry: generators, weights and conjugates against the table of docs/design.md."""
 
 import functools
 
@@ -41,7 +41,7 @@ GRID = np.concatenate([np.linspace(-50.0, 50.0, 201), EXTREMES])  # [207]
 
 
 def design_f(name, r, alpha=None):
-    """The f column of DESIGN.md section 1, in NumPy float64."""
+    """The f column of the README's table, in NumPy float64."""
     log = np.log(r)
     return {
         "reverse_kl": lambda: -log,
@@ -58,7 +58,7 @@ def design_f(name, r, alpha=None):
 
 
 def design_h(name, r, alpha=None):
-    """The h column of DESIGN.md section 1."""
+    """The h column of the README's table."""
     return {
         "reverse_kl": lambda: np.ones_like(r),
         "forward_kl": lambda: r,

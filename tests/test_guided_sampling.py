@@ -13,7 +13,7 @@ from didistill.configs import synthetic_didi
 from didistill.diffusion import masked
 from didistill.distill.discrete import didi
 from didistill.distill.discrete.guided_sampling import guided_sample, tilt_log_probs
-from tests.tiny_text_teacher import LANGUAGE, LENGTH, save_tiny_teacher
+from tests.teachers import LANGUAGE, LENGTH
 
 V, L = 4, 8  # tokens 0..3, [MASK] = 4
 MASK = V
@@ -161,12 +161,6 @@ def test_nfe_counts_every_network_call():
 # DiDi-Instruct's evaluate with the guided sampler
 
 
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory):
-    """The tests/test_didi.py teacher: 2 random DiT blocks for markov_tiny."""
-    return save_tiny_teacher(tmp_path_factory.mktemp("teacher"), depth=2)
-
-
 def _didi_config(teacher_path, **guided):
     config = synthetic_didi.get_config(f"{LANGUAGE},smoke")
     config.teacher.checkpoint = teacher_path
@@ -177,8 +171,8 @@ def _didi_config(teacher_path, **guided):
     return config
 
 
-def test_didi_evaluate_reports_guided_metrics(tiny_teacher, tmp_path):
-    method = didi.make_method(_didi_config(tiny_teacher, guidance_scale=2.0, best_of=3))
+def test_didi_evaluate_reports_guided_metrics(tiny_text_teacher, tmp_path):
+    method = didi.make_method(_didi_config(tiny_text_teacher, guidance_scale=2.0, best_of=3))
     state = method.init(jax.random.key(0))
     results = method.evaluate(state, jax.random.key(1), str(tmp_path))
     prefix = "student_guided/steps2/"

@@ -70,8 +70,9 @@ def test_smoke_config_runs_two_steps(module, resolution, label_dim, tmp_path, mo
     with attention at 8x8) and the config's discriminator resolutions."""
     from didistill.data import images
     from didistill.nets.convert_edm import load_unet
+    from tests.teachers import random_data, save_tiny_unet_teacher
     from tests.test_adm import save_tiny_adm_teacher
-    from tests.test_one_step_images import random_data, run_two_steps, save_tiny_teacher
+    from tests.test_one_step_images import run_two_steps
 
     levels = int(np.log2(resolution // 8)) + 1 if FULL else 1
     mult, path = (1,) * levels, tmp_path / "t.msgpack"
@@ -79,7 +80,7 @@ def test_smoke_config_runs_two_steps(module, resolution, label_dim, tmp_path, mo
         attn = (8,) if FULL else ()
         teacher = save_tiny_adm_teacher(path, resolution, label_dim, mult, attn_resolutions=attn)
     else:
-        teacher = save_tiny_teacher(path, resolution, 3, label_dim, channel_mult=mult)
+        teacher = save_tiny_unet_teacher(path, resolution, 3, label_dim, channel_mult=mult)
     data = random_data((resolution, resolution, 3), label_dim)
     monkeypatch.setattr(images, "load_arrays", lambda cfg, split="train": data)
     config = module.get_config("dmd2,smoke")

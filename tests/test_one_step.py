@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from didistill import assets
-from didistill.configs import toy2d, toy_teacher
+from didistill.configs import toy2d
 from didistill.data import toy
 from didistill.distill import get_method
 from didistill.distill.one_step import method as one_step
@@ -20,16 +20,6 @@ from didistill.distill.one_step import table
 from didistill.train.loop import train
 
 ASSET = assets.path("toy/ring8_teacher.msgpack")
-
-
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory):
-    """A tiny ring8 teacher trained by the engine in a few seconds (smoke settings)."""
-    workdir = tmp_path_factory.mktemp("teacher")
-    config = toy_teacher.get_config("ring8,smoke")
-    config.train.progress = False
-    train(get_method(config), config, str(workdir))
-    return str(workdir / "teacher_params.msgpack")
 
 
 def _smoke_config(arg, teacher_path):
@@ -57,8 +47,8 @@ def test_every_list_of_method_names_comes_from_the_table():
 
 
 @pytest.mark.parametrize("arg", [*table.METHODS, "uni_instruct,forward_kl"])
-def test_every_method_steps_under_jit(arg, tiny_teacher):
-    config = _smoke_config(arg, tiny_teacher)
+def test_every_method_steps_under_jit(arg, tiny_toy_teacher):
+    config = _smoke_config(arg, tiny_toy_teacher)
     method = get_method(config)
     state = method.init(jax.random.key(0))
     batch = next(method.batches(0))
@@ -75,8 +65,8 @@ def test_every_method_steps_under_jit(arg, tiny_teacher):
     assert any(jax.tree.leaves(changed)), "the generator did not move"
 
 
-def test_own_discriminator_trunk_and_scratch_generator(tiny_teacher):
-    config = _smoke_config("forward_kl,scratch", tiny_teacher)
+def test_own_discriminator_trunk_and_scratch_generator(tiny_toy_teacher):
+    config = _smoke_config("forward_kl,scratch", tiny_toy_teacher)
     config.discriminator.features = "own"
     method = get_method(config)
     state = method.init(jax.random.key(0))
@@ -94,8 +84,8 @@ def test_own_discriminator_trunk_and_scratch_generator(tiny_teacher):
         (dict(ratio="exact"), "affine"),
     ],
 )
-def test_bad_method_configs_say_what_to_do(change, message, tiny_teacher):
-    config = _smoke_config("jensen_shannon", tiny_teacher)
+def test_bad_method_configs_say_what_to_do(change, message, tiny_toy_teacher):
+    config = _smoke_config("jensen_shannon", tiny_toy_teacher)
     if "method" in change:
         config.method = change.pop("method")
     for key, value in change.items():
@@ -170,9 +160,9 @@ def _run_main(workdir, teacher, devices):
         return [json.loads(line) for line in f]
 
 
-def test_one_and_four_devices_give_the_same_losses(tiny_teacher, tmp_path):
-    one = _run_main(tmp_path / "one", tiny_teacher, 1)
-    four = _run_main(tmp_path / "four", tiny_teacher, 4)
+def test_one_and_four_devices_give_the_same_losses(tiny_toy_teacher, tmp_path):
+    one = _run_main(tmp_path / "one", tiny_toy_teacher, 1)
+    four = _run_main(tmp_path / "four", tiny_toy_teacher, 4)
     assert [m["step"] for m in one] == [m["step"] for m in four]
     for a, b in zip(one, four, strict=True):
         for key in ("generator_loss", "fake_score_loss", "discriminator_loss"):

@@ -9,40 +9,7 @@ import pytest
 from didistill.configs import digits_distill
 from didistill.data import images
 from didistill.distill import get_method
-from didistill.nets.convert_edm import unet_from_config
-from didistill.nets.files import save_model
-
-RBG = dict(impl="unsafe_rbg")  # cheap to compile on CPU
-
-
-def save_tiny_teacher(path, resolution=8, channels=1, label_dim=0, channel_mult=(1,)):
-    """A random-weight U-Net saved as a network file; returns the path."""
-    cfg = dict(
-        model_channels=8,
-        channel_mult=list(channel_mult),
-        channel_mult_emb=1,
-        num_blocks=1,
-        attn_resolutions=[],
-        dropout=0.0,
-        label_dim=label_dim,
-        img_resolution=resolution,
-        img_channels=channels,
-    )
-    net, shape = unet_from_config(cfg)
-    labels = jnp.zeros((1,), jnp.int32) if label_dim else None
-    init = jax.jit(lambda k: net.init(k, jnp.zeros((1, *shape)), jnp.ones((1,)), labels))
-    variables = init(jax.random.key(0, **RBG))
-    # Give the zero-initialised output layers some weight, so the generator is not ~constant.
-    variables = jax.tree.map(
-        lambda v: v + 0.05 * jnp.sign(jnp.sin(jnp.arange(v.size))).reshape(v.shape), variables
-    )
-    return save_model(str(path), variables, cfg, "unet")
-
-
-def random_data(shape, num_classes):
-    rng = np.random.default_rng(0)
-    image = rng.uniform(-1, 1, (64, *shape)).astype(np.float32)
-    return {"image": image, "label": rng.integers(0, num_classes, 64).astype(np.int32)}
+from tests.teachers import RBG, random_data, save_tiny_unet_teacher
 
 
 @pytest.fixture
@@ -73,7 +40,7 @@ def run_two_steps(config):
     [("jensen_shannon", 0), ("dmd2", 10), ("sid", 0), ("uni_instruct,forward_kl", 10)],
 )
 def test_every_method_steps_under_jit(arg, label_dim, tmp_path, fake_data):
-    teacher = save_tiny_teacher(tmp_path / "teacher.msgpack", label_dim=label_dim)
+    teacher = save_tiny_unet_teacher(tmp_path / "teacher.msgpack", label_dim=label_dim)
     fake_data["data"] = random_data((8, 8, 1), 10)
     config = digits_distill.get_config(f"{arg},smoke")
     config.teacher.checkpoint = teacher

@@ -14,18 +14,12 @@ from didistill.diffusion import masked
 from didistill.distill.discrete import step_halving as sh
 from didistill.divergences.categorical import categorical_names
 from didistill.eval import text as text_eval
-from tests.tiny_text_teacher import LANGUAGE, LENGTH, save_tiny_teacher
+from tests.teachers import LANGUAGE, LENGTH
 
 V, L, MASK = 2, 3, 2  # the enumerable setting: 2 tokens, 3 positions
 SCHEDULE = masked.get_schedule("loglinear", 1e-3)
 T, M, S = 0.9, 0.6, 0.3
 PARAMS = {"alpha": {"alpha": 0.5}, "skew_kl": {}, "alpha_beta": {"alpha": 0.2, "beta": 0.7}}
-
-
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory):
-    """A random (perturbed, so not uniform) 1-block DiT teacher for markov_tiny (V = 4)."""
-    return save_tiny_teacher(tmp_path_factory.mktemp("teacher"), depth=1)
 
 
 def _config(teacher_path, **distill):
@@ -248,8 +242,8 @@ def _equal(a, b):
     return not _moved(a, b)
 
 
-def test_rounds_switch_the_teacher_and_halve_the_steps(tiny_teacher):
-    method = sh.make_method(_config(tiny_teacher, rounds=3, steps_per_round=1))
+def test_rounds_switch_the_teacher_and_halve_the_steps(tiny_text_teacher_1block):
+    method = sh.make_method(_config(tiny_text_teacher_1block, rounds=3, steps_per_round=1))
     state0 = method.init(jax.random.key(0))
     step, batches = jax.jit(method.step), method.batches(0)
     states, metrics = [state0], []
@@ -270,10 +264,10 @@ def test_rounds_switch_the_teacher_and_halve_the_steps(tiny_teacher):
     assert _moved(states[4].student_ema, state0.student_ema)
 
 
-def test_variant_step_is_finite_and_moves_the_student(tiny_teacher):
+def test_variant_step_is_finite_and_moves_the_student(tiny_text_teacher_1block):
     config = _config(
-        tiny_teacher, target="step_marginal", divergence="jensen_shannon", time_sampling="uniform",
-        teacher_from="ema", reset_optimizer=True, steps_per_round=1,
+        tiny_text_teacher_1block, target="step_marginal", divergence="jensen_shannon",
+        time_sampling="uniform", teacher_from="ema", reset_optimizer=True, steps_per_round=1,
     )  # fmt: skip
     method = sh.make_method(config)
     state0 = method.init(jax.random.key(0))
@@ -284,8 +278,8 @@ def test_variant_step_is_finite_and_moves_the_student(tiny_teacher):
     assert _moved(state.student, state0.student)
 
 
-def test_evaluate_reports_student_and_teacher(tiny_teacher, tmp_path):
-    method = sh.make_method(_config(tiny_teacher))
+def test_evaluate_reports_student_and_teacher(tiny_text_teacher_1block, tmp_path):
+    method = sh.make_method(_config(tiny_text_teacher_1block))
     text_eval.clear_sampler_cache()
     results = method.evaluate(method.init(jax.random.key(0)), jax.random.key(1), str(tmp_path))
     info = text_eval.sampler_cache_info()  # student and teacher at 2 steps: one sampler
@@ -312,19 +306,19 @@ def test_evaluate_reports_student_and_teacher(tiny_teacher, tmp_path):
         (dict(teacher_steps=6, rounds=2), "multiple of 2"),
     ],
 )
-def test_bad_configs_say_what_to_set(tiny_teacher, change, message):
+def test_bad_configs_say_what_to_set(tiny_text_teacher_1block, change, message):
     with pytest.raises(ValueError, match=message):
-        sh.make_method(_config(tiny_teacher, **change))
+        sh.make_method(_config(tiny_text_teacher_1block, **change))
 
 
-def test_onehot_target_accepts_divergences_finite_there(tiny_teacher):
-    sh.make_method(_config(tiny_teacher, target="onehot", divergence="forward_kl"))
+def test_onehot_target_accepts_divergences_finite_there(tiny_text_teacher_1block):
+    sh.make_method(_config(tiny_text_teacher_1block, target="onehot", divergence="forward_kl"))
 
 
-def test_missing_teacher_and_config_arg_errors(tiny_teacher):
+def test_missing_teacher_and_config_arg_errors(tiny_text_teacher_1block):
     with pytest.raises(ValueError, match="teacher.checkpoint is empty"):
         sh.make_method(_config(""))
-    config = _config(tiny_teacher)
+    config = _config(tiny_text_teacher_1block)
     config.data.language = "markov"
     with pytest.raises(ValueError, match="does not fit the teacher"):
         sh.make_method(config)

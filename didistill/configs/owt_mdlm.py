@@ -1,5 +1,5 @@
 """MDLM teacher on OpenWebText with the published settings (Sahoo et al. 2024; MDLM repo
-`configs/*`, see shared/reference/discrete_distillation.md section 2.5). For GPU/TPU.
+`configs/*`, its Hydra configs of the OpenWebText run). For GPU/TPU.
 
     --config=configs/owt_mdlm.py          GPT-2 tokenizer, L = 1024, DiT 12 x 768 x 12 heads,
                                           AdamW 3e-4, 2,500 warm-up steps then constant,

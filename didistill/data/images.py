@@ -2,7 +2,7 @@
 
 Every dataset is read the same way: a prepared tfds dataset in `array_record` format under a
 caller-given `data_dir` is opened with `tfds.builder_from_directory(...).as_data_source(split)`,
-a random-access sequence that needs neither TensorFlow nor a network (jax_conventions.md 5.5).
+a random-access sequence that needs neither TensorFlow nor a network.
 Examples come back as {'image': float32 [N, H, W, C] in [-1, 1], 'label': int32 [N]}.
 
 Datasets (`load_images(name, ...)` names):

@@ -2,7 +2,7 @@
 
 The direction trap. These papers put the MODEL in the ratio's numerator: with u = pi/ref
 (pi the trained policy; ref the reference, target or initial policy) they write
-D = E_ref[f_paper(u)]. The library (DESIGN.md section 1) puts the target on top:
+D = E_ref[f_paper(u)]. The library (docs/design.md, section 1) puts the target on top:
 p = ref is the target, q = pi the model, log_r = log p - log q = log ref - log pi = -log u,
 D_f(p || q) = E_q[f(r)]. The two agree exactly when f_paper is the dual generator
 
@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 
-# phi(r) = f(r) - r f'(r) in closed form for the registry's generators (DESIGN.md table);
+# phi(r) = f(r) - r f'(r) in closed form for the registry's generators (f_divergences.py);
 # accurate for large |log_r| where the generic difference cancels catastrophically.
 _PHI = {
     "reverse_kl": lambda lr, p: 1.0 - lr,

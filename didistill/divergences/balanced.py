@@ -27,7 +27,7 @@ of it uses 2), which computes the entropies at T = 1 and has no teacher term. Wh
 (FKL = KL(p^t || p^s), RKL = KL(p^s || p^t)); read with that notation, the teacher is pulled
 towards the student by KL(p_s || p_t), which is what :func:`bdkd_teacher_loss` computes. The
 T^2 factor is Hinton's scale correction (a no-op at T = 1); the entropies are taken at the
-same temperature as the losses. Library convention (DESIGN.md section 1): p = teacher is the
+same temperature as the losses. Library convention (docs/design.md, section 1): p = teacher is the
 target, q = student the model, log_r = log p_t - log p_s; KL(p_t || p_s) is the registry's
 ``forward_kl`` and KL(p_s || p_t) its ``reverse_kl``.
 """
