@@ -30,7 +30,7 @@ def test_every_arg_parses_and_validates(module, arg):
     one_step.validate(config)
     assert config.data.kind == "images"
     assert config.train.batch_size % 4 == 0
-    assert config.generator.sigma in (2.5, 80.0)
+    assert config.generator.sigma in (1.0, 2.5, 80.0)  # Diff-Instruct, SiD, FastGen
     if "smoke" in arg:
         assert config.train.batch_size <= 8 and config.eval.num_samples <= 8
 
@@ -38,7 +38,11 @@ def test_every_arg_parses_and_validates(module, arg):
 def test_published_settings():
     cifar = cifar10_distill.get_config()
     assert (cifar.method, cifar.distill.divergence) == ("f_distill", "forward_kl")
-    assert cifar.train.batch_size == 2048 and cifar.distill.critic_steps == 5
+    # FastGen: 100k iterations, 4 critic + 1 generator update per 5, EMA 0.9999 per iteration
+    assert cifar.train.batch_size == 2048 and cifar.distill.critic_steps == 4
+    assert cifar.train.num_steps == 20_000 and cifar.ema_decay == 0.9999**5
+    assert cifar.optim_generator.grad_clip_norm == 10.0
+    assert (cifar.distill.min_index, cifar.distill.max_index) == (2, 998)
     assert cifar.distill.gan_weight == 1e-3 and cifar.optim_generator.learning_rate == 1e-4
     assert tuple(cifar.discriminator.resolutions) == (32, 16, 8)
     imnet = imagenet64_distill.get_config()
@@ -48,6 +52,12 @@ def test_published_settings():
     assert imagenet64_distill.get_config("dmd2").train.batch_size == 280
     sid = cifar10_distill.get_config("sid")
     assert sid.generator.sigma == 2.5 and sid.distill.gan_weight == 0.0
+    assert sid.distill.noise == "sid" and sid.distill.tmax == 800
+    assert sid.distill.fake_score_noise == "lognormal" and sid.distill.fake_score_weight == "edm"
+    assert sid.distill.ema_halflife_images == 500_000 and sid.distill.ema_rampup_ratio == 0.05
+    di = cifar10_distill.get_config("diff_instruct")
+    assert di.generator.sigma == 1.0 and di.train.batch_size == 128
+    assert di.distill.noise == "lognormal"
 
 
 def test_bad_arg_names_the_choices():

@@ -48,7 +48,7 @@ def _stratified(n):
     return stats.norm.ppf((np.arange(n) + 0.5) / n)
 
 
-def _surrogate_grad(divergence, loss_name):
+def _surrogate_grad(divergence, loss_name, alpha=0.5):
     z, e = np.meshgrid(_stratified(400), _stratified(400))
     z, e = jnp.asarray(z.ravel()), jnp.asarray(e.ravel())
     theta0 = jnp.asarray(THETA0)
@@ -63,17 +63,11 @@ def _surrogate_grad(divergence, loss_name):
             return L.sid_generator_loss(
                 x0[:, None], d_teacher[:, None], d_fake[:, None], 0.5, "none"
             )
-        return L.uni_instruct_generator_loss(
-            x0[:, None],
-            jnp.full(x0.shape, SIGMA),
-            d_teacher[:, None],
-            d_fake[:, None],
-            log_r,
-            divergence,
-            alpha=0.5,
-            normalize=False,
-            time_weight="none",
+        args = (x0[:, None], jnp.full(x0.shape, SIGMA), d_teacher[:, None], d_fake[:, None])
+        sim, di = L.uni_instruct_terms(
+            *args, log_r, divergence, alpha=alpha, normalize=False, time_weight="none"
         )
+        return {"uni": sim + di, "di": di}[loss_name]
 
     return np.asarray(jax.grad(loss)(theta0)), float(loss(theta0))
 
@@ -109,6 +103,26 @@ def test_uni_instruct_gradient_matches_expanded_objective(name, params):
         np.testing.assert_allclose(2 * grad / SIGMA**4, fd, rtol=2e-2, atol=2e-3)
 
 
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 1.2])
+def test_uni_instruct_di_term_is_exact_at_every_alpha(alpha):
+    """The Diff-Instruct term multiplies grad h by the exact integrand P_{1/2}, whatever the
+    config's SiD alpha: DI(alpha) + SIM(1/2) equals the objective's finite differences (with
+    P_alpha as multiplier the term would be noise at alpha 1.0 and flip sign at 1.2)."""
+    with enable_x64(True):
+        divergence = get("forward_kl")
+        g_di, _ = _surrogate_grad(divergence, "di", alpha)
+        g_di_half, _ = _surrogate_grad(divergence, "di", 0.5)
+        g_full_half, _ = _surrogate_grad(divergence, "uni", 0.5)
+        np.testing.assert_allclose(g_di, g_di_half, rtol=1e-12)
+        step = 1e-4
+        fd = [
+            (_objective(THETA0 + d, divergence) - _objective(THETA0 - d, divergence)) / (2 * step)
+            for d in np.eye(2) * step
+        ]
+        np.testing.assert_allclose(2 * g_full_half / SIGMA**4, fd, rtol=2e-2, atol=2e-3)
+        assert np.linalg.norm(g_di) > 0.05 * np.linalg.norm(g_full_half)  # the term matters
+
+
 def test_uni_instruct_with_reverse_kl_is_sid():
     with enable_x64(True):
         g_ui, v_ui = _surrogate_grad(get("reverse_kl"), "uni")
@@ -124,7 +138,7 @@ def test_f_distill_gradient_is_weighted_denoiser_difference():
     log_r = jnp.array([-1.0, 0.0, 2.0])
     div = get("forward_kl")
     grad = jax.grad(L.f_distill_generator_loss)(x0, d_teacher, d_fake, log_r, div, False, "none")
-    expected = jnp.exp(log_r)[:, None] * (d_fake - d_teacher) / 3
+    expected = jnp.exp(log_r)[:, None] * (d_fake - d_teacher) / (3 * 2)  # mean over B and D
     np.testing.assert_allclose(grad, expected, rtol=1e-5)
     grad_dmd = jax.grad(L.f_distill_generator_loss)(x0, d_teacher, d_fake, log_r, div, False)
     omega = 1.0 / (jnp.mean(jnp.abs(x0 - d_teacher), axis=1) + 1e-6)

@@ -23,17 +23,19 @@ Any U-Net network file of a label_dim-1000 64x64 network with an 8x8 encoder lev
 (ADM or DDPM++) also works. Data: tfds `imagenet_resized/64x64` prepared in array_record
 format under `config.data.data_dir` (see didistill/data/images.py).
 
-Hyperparameters (reference/continuous_distillation.md 1.4, 2.4, 3.3, 3.4):
-- f_distill [f-distill Table 5, FastGen config_f_distill_in64]: global batch 512, AdamW lr
-  2e-6 (fine-tuning 5e-7), weight decay 0.01, fake-score update frequency 5, GAN weight 3e-3,
-  bottleneck-only discriminator (8x8), ratio_ema_rate 0.5, 380k iterations (FastGen 600k),
-  EMA 0.9999, generator input 80 z at sigma 80.
-- dmd2 [DMD2 experiments/imagenet]: batch 280, AdamW lr 2e-6 betas (0.9, 0.999), weight
-  decay 0.01, 500 warm-up steps, gradient clip 10, update ratio 5, GAN weight 3e-3, no EMA
-  found (0.9999 kept here), 200k iterations.
+Hyperparameters: every reference setting, its key here and same / deviation is in
+docs/one_step_settings.md. A step is one generator update (see one_step.method).
+- f_distill [FastGen config_f_distill_in64 @34f30e8]: global batch 512, AdamW lr 2e-6,
+  weight decay 0.01, GAN weight 3e-3, bottleneck-only discriminator (8x8, width 768 = the
+  feature channels), ratio_ema_rate 0.5, 600k FastGen iterations = 120k steps with
+  critic_steps 4 and EMA 0.9999^5, generator gradient clip 10, Karras indices [2, 998].
+- dmd2 [DMD2 experiments/imagenet, main/edm]: batch 280, AdamW lr 2e-6, 500 warm-up steps,
+  gradient clip 10 (all networks), GAN weight 3e-3, fake-score update every iteration and
+  generator every 5th (critic_steps 5), 200k iterations = 40k steps, fake score weighted
+  1/sigma^2 + 1/sigma_data^2 over all 1000 indices; DMD2 has no EMA (0.9999^5 kept here).
 - sid / uni_instruct [SiD, Uni-Instruct]: batch 8192, Adam lr 4e-6, betas (0, 0.999), input
-  2.5 z at sigma 2.5, EMA half-life 2 Mimg (0.5^(8192 / 2e6) per step), Uni-Instruct GAN
-  weight 0.01. Not implemented: fp16 and the generator loss scale 100.
+  2.5 z at sigma 2.5, sigma from u ~ U[0, 0.8), EMA half-life 2 Mimg with ramp-up 0.05.
+Not implemented: fp16 / bf16 (float32 throughout).
 """
 
 from didistill.configs import one_step_common as common
@@ -50,7 +52,7 @@ def get_config(arg=None):
     config.data.name = "imagenet64"
     config.teacher.checkpoint = TEACHER
     config.discriminator.resolutions = (8,)
-    config.discriminator.width = 256
+    config.discriminator.width = 0  # the feature channels: 768 for EDM's ADM (FastGen)
     config.eval.num_samples = 10_000
     config.eval.batch_size = 250
     config.eval.feature_checkpoint = ""
@@ -62,24 +64,25 @@ def get_config(arg=None):
         for opt in opts:
             opt.update(dict(name="adam", learning_rate=4e-6, b1=0.0, b2=0.999))
         config.train.batch_size = 8192
-        config.ema_decay = 0.5 ** (8192 / 2_000_000)
         config.train.num_steps = 1_000_000_000 // 8192  # 1000 Mimg (SiD)
+        common.sid_ema(config, 2_000_000)
         d.critic_steps = 1
-        d.gan_weight = 0.01 if table.METHODS[method].gan else 0.0
+        d.gan_weight = 0.01 / 100 if table.METHODS[method].gan else 0.0  # lsg_gan / lsg
     else:
         for opt in opts:
             opt.update(dict(name="adamw", learning_rate=2e-6, b1=0.9, b2=0.999, weight_decay=0.01))
-        config.ema_decay = 0.9999
-        d.critic_steps = 5
         d.gan_weight = 3e-3
-        if method == "dmd2":
+        if method == "dmd2":  # DMD2's own code: guidance every iteration, generator every 5th
             config.train.batch_size = 280
-            config.train.num_steps = 200_000
+            common.fastgen_schedule(config, iterations=200_000)
+            d.critic_steps = 5
+            d.fake_score_noise, d.fake_score_weight = "all_indices", "karras"
             for opt in opts:
                 opt.update(dict(warmup_steps=500, grad_clip_norm=10.0))
         else:
             config.train.batch_size = 512
-            config.train.num_steps = 380_000
+            common.fastgen_schedule(config, iterations=600_000)
+            config.optim_generator.grad_clip_norm = 10.0
             d.ratio_ema_rate = 0.5
             d.min_index, d.max_index = 2, 998
     if "smoke" in flags:

@@ -48,11 +48,41 @@ def distill_block(method, divergence, critic_steps, gan_weight, **overrides):
         num_sigmas=1000,
         sigma_min=0.002,
         sigma_max=80.0,
-        min_index=20,  # DMD2: indices [20, 980) of a 1000-point Karras grid
+        # generator noise (one_step.noise): FastGen / DMD2 'karras_index', SiD 'sid', DI 'lognormal'
+        noise=spec.noise,
+        min_index=20,  # DMD2: indices [20, 980] (inclusive) of the ascending 1000-point grid
         max_index=980,
+        tmax=800,  # SiD / Uni-Instruct: u ~ U[0, tmax / 1000), sigma <= about 24.4
+        p_mean=-1.2,  # lognormal noise (EDM, SiD and Diff-Instruct fake score)
+        p_std=1.2,
+        fake_score_noise=spec.fake_score_noise,  # 'same': the generator's sampler
+        fake_score_weight=spec.fake_score_weight,  # 'none' (FastGen), 'karras' (DMD2), 'edm'
+        gan_r1_weight=0.0,  # FastGen's approximate R1 (off by default there too)
+        gan_r1_alpha=0.1,
+        ema_halflife_images=0.0,  # > 0: SiD's EMA (half-life in images) instead of ema_decay
+        ema_rampup_ratio=0.0,  # SiD: 0.05
     )
     block.update(overrides)
     return ml_collections.ConfigDict(block)
+
+
+def fastgen_schedule(config, iterations, beta=0.9999, update_freq=5):
+    """FastGen counts iterations: 1 generator + (update_freq - 1) critic updates per update_freq
+    iterations, EMA `beta` every iteration. Here a step is one generator update, so:
+    critic_steps = update_freq - 1, num_steps = iterations / update_freq and
+    ema_decay = beta^update_freq (exact: the generator only moves at its own updates)."""
+    config.distill.critic_steps = update_freq - 1
+    config.train.num_steps = iterations // update_freq
+    config.ema_decay = beta**update_freq
+    return config
+
+
+def sid_ema(config, halflife_images, rampup_ratio=0.05):
+    """SiD's EMA: half-life in images with ramp-up; ema_decay keeps the ramp's end value."""
+    config.distill.ema_halflife_images = float(halflife_images)
+    config.distill.ema_rampup_ratio = rampup_ratio
+    config.ema_decay = 0.5 ** (config.train.batch_size / halflife_images)
+    return config
 
 
 def optimizers(config, learning_rate, **kwargs):
@@ -81,7 +111,8 @@ def image_distill_config(method, divergence, flags):
     # z ~ N(0, sigma_g^2 I) at sigma_g: 80 = sigma_max (DMD2, FastGen), 2.5 (SiD, Uni-Instruct).
     config.generator.sigma = table.METHODS[method].sigma_g
     config.discriminator = ml_collections.ConfigDict(
-        dict(resolutions=(8, 4), width=64, num_layers=2)  # a ConvHead on teacher features
+        # FastGen's per-resolution logit heads on teacher features (width 0: feature channels)
+        dict(kind="fastgen", resolutions=(8, 4), width=0, num_layers=2)
     )
     config.distill = distill_block(method, divergence, critic_steps=5, gan_weight=1e-3)
     optimizers(config, learning_rate=1e-4, b1=0.0, b2=0.99)

@@ -16,7 +16,13 @@ along h (s_p - s_q). Its value is meaningless (a surrogate), only its gradient m
 
 With normalize=True (as in f-distill / FastGen) w_i = h_i / mean_j h_j, computed as
 exp(log h_i - logsumexp_j log h_j + log B) so it is finite for any finite log_r, and the
-gradient's scale no longer depends on the divergence. Under `jax.jit` with a NamedSharding
+gradient's scale no longer depends on the divergence.
+
+`reduction='sum'` (the default: the theorem's Monte Carlo estimate) sums the per-sample inner
+product over the data dimensions; `reduction='mean'` also divides by the number of data
+dimensions D, as FastGen and DMD2 do (`0.5 * mse(x, sg(x - grad))`, mean reduction: gradient
+`grad / (B D)`). The mean is what makes a published GAN weight mean what it means in those
+papers; one-step distillation uses it. Under `jax.jit` with a NamedSharding
 over the batch axis, the mean and logsumexp over that axis are global (all-reduced by XLA):
 no explicit collective is needed.
 """
@@ -52,9 +58,15 @@ def score_difference_weights(log_r, divergence: FDivergence | str, normalize: bo
 
 
 def score_difference_loss(
-    x, score_p, score_q, log_r, divergence: FDivergence | str, normalize: bool = True
+    x,
+    score_p,
+    score_q,
+    log_r,
+    divergence: FDivergence | str,
+    normalize: bool = True,
+    reduction: str = "sum",
 ):
-    """Scalar surrogate whose gradient w.r.t. x_i is w_i (score_q - score_p)_i / B.
+    """Scalar surrogate whose gradient w.r.t. x_i is w_i (score_q - score_p)_i / B (/ D).
 
     Args:
       x: [B, ...] generated samples (the only differentiated input).
@@ -63,6 +75,7 @@ def score_difference_loss(
       log_r: [B] log p(x_i) - log q(x_i), e.g. a discriminator's logit.
       divergence: an FDivergence or a name (total_variation raises ValueError).
       normalize: divide h by its batch mean (stable, via log_weight and logsumexp).
+      reduction: 'sum' over the data dimensions, or 'mean' (divides by D = prod(x.shape[1:])).
     Returns:
       [] the surrogate; everything except x is under stop_gradient.
     """
@@ -74,7 +87,11 @@ def score_difference_loss(
             f"shapes: x {x.shape}, score_p/score_q {direction.shape} (must equal x), "
             f"log_r {weights.shape} (must be [B] = {x.shape[:1]})"
         )
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     per_sample = jnp.sum((direction * x).reshape(x.shape[0], -1), axis=1)  # [B]
+    if reduction == "mean":
+        per_sample = per_sample / math.prod(x.shape[1:])
     return jnp.mean(weights.astype(per_sample.dtype) * per_sample)
 
 

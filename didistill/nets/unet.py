@@ -391,8 +391,54 @@ class ConvHead(nn.Module):
         return nn.Dense(1, name="out")(jnp.concatenate(pooled, axis=-1))[:, 0]  # [B]
 
 
+def _head_groups(channels: int) -> int:
+    """FastGen's `_get_optimal_groups`: C // 4 up to 32 channels, else the largest divisor <= 32."""
+    if channels <= 32:
+        return max(1, channels // 4)
+    groups = 32
+    while groups > 1 and channels % groups:
+        groups -= 1
+    return groups
+
+
+class LogitHeads(nn.Module):
+    """FastGen's EDM discriminator (`Discriminator_EDM`): one logit head per feature resolution.
+
+    Per resolution r: while r > 8, conv 4x4 stride 2 (padding 1) -> GroupNorm -> SiLU; then
+    8 -> 4 the same way, conv 4x4 stride 4 (no padding) 4 -> 1 -> GroupNorm -> SiLU and a 1x1
+    conv to one logit (maps smaller than 4x4 use one r x r conv to 1x1). Width = the feature
+    channels (`width=0`) as in FastGen, or `width`. Returns [B, heads] (FastGen concatenates the
+    heads; the GAN losses average every logit and f-distill averages the heads for log r).
+    """
+
+    resolutions: Sequence[int] | None = None  # None: every resolution in the features
+    width: int = 0  # 0: the feature channels
+
+    @nn.compact
+    def __call__(self, feats: dict[int, jax.Array]) -> jax.Array:
+        chosen = sorted(feats, reverse=True) if self.resolutions is None else self.resolutions
+        logits = []
+        for res in chosen:
+            if res not in feats:
+                raise KeyError(f"LogitHeads wants features at {res}x{res}; have {sorted(feats)}")
+            h = feats[res].astype(jnp.float32)  # [B, r, r, C]
+            width = self.width or h.shape[-1]
+            r, i = res, 0
+            while r > 4:
+                h = self._block(h, width, (4, 4), 2, ((1, 1), (1, 1)), f"{res}x{res}", i)
+                r, i = r // 2, i + 1
+            h = self._block(h, width, (r, r), r, "VALID", f"{res}x{res}", i)  # 4x4 -> 1x1
+            logits.append(nn.Conv(1, (1, 1), name=f"{res}x{res}_out")(h).reshape(h.shape[0]))
+        return jnp.stack(logits, axis=1)  # [B, heads]
+
+    def _block(self, h, width, kernel, stride, pad, prefix, i):  # conv -> GroupNorm -> SiLU
+        h = nn.Conv(width, kernel, stride, padding=pad, name=f"{prefix}_conv{i}")(h)
+        return nn.silu(nn.GroupNorm(_head_groups(width), epsilon=1e-5, name=f"{prefix}_norm{i}")(h))
+
+
 __all__ = [
     "ConvHead",
+    "LogitHeads",
     "EDMDenoiser",
     "SongUNet",
     "UNetBlock",

@@ -12,8 +12,10 @@
   class labels y ~ U{0..K-1} when the teacher is class-conditional (K = label_dim > 0),
   returned as `cond`; None for an unconditional teacher;
 - fake score: the same architecture, initialised from the teacher;
-- discriminator: a `ConvHead` on the *teacher's* encoder features at
-  `config.discriminator.resolutions` (only the head trains: f-distill / FastGen). Gradients
+- discriminator: heads on the *teacher's* encoder features at
+  `config.discriminator.resolutions` (only the heads train: f-distill / FastGen):
+  `config.discriminator.kind = 'fastgen'` is FastGen's `Discriminator_EDM` (`LogitHeads`,
+  logits [B, heads]), `'conv'` the earlier pooled `ConvHead`. Gradients
   still flow through the frozen teacher into the input image, for the generator's GAN loss;
 - batches: {'x': [B, critic_steps, H, W, C], 'label': [B, critic_steps]} from
   `images.image_batches` (the label only for a conditional teacher);
@@ -38,7 +40,7 @@ from didistill.diffusion import edm
 from didistill.distill.one_step.parts import OneStepParts
 from didistill.eval import fid, plots
 from didistill.nets.convert_edm import load_unet
-from didistill.nets.unet import ConvHead
+from didistill.nets.unet import ConvHead, LogitHeads
 
 
 def load_teacher_unet(path: str):
@@ -76,11 +78,17 @@ def build(config) -> OneStepParts:
     num_classes = int(net.label_dim)
     d, g_cfg, disc_cfg = config.distill, config.generator, config.discriminator
     sigma_g = float(g_cfg.sigma)
-    head = ConvHead(
-        resolutions=tuple(disc_cfg.resolutions),
-        width=disc_cfg.width,
-        num_layers=disc_cfg.num_layers,
-    )
+    kind = disc_cfg.get("kind", "conv")
+    if kind == "fastgen":
+        head = LogitHeads(resolutions=tuple(disc_cfg.resolutions), width=disc_cfg.width)
+    elif kind == "conv":
+        head = ConvHead(
+            resolutions=tuple(disc_cfg.resolutions),
+            width=disc_cfg.width,
+            num_layers=disc_cfg.num_layers,
+        )
+    else:
+        raise ValueError(f"config.discriminator.kind={kind!r} is not 'fastgen' or 'conv'")
 
     def denoise(params, x, sigma, cond=None):  # [B, H, W, C], [B], [B] or None
         return net.apply(params, x, sigma, cond)
@@ -88,7 +96,7 @@ def build(config) -> OneStepParts:
     def teacher_denoise(x, sigma, cond=None):
         return net.apply(teacher_vars, x, sigma, cond)
 
-    def disc_logit(params, x, sigma, cond=None):  # -> [B]
+    def disc_logit(params, x, sigma, cond=None):  # -> [B] or [B, heads]
         _, feats = net.apply(teacher_vars, x, sigma, cond, features=True)  # {r: [B, r, r, C]}
         return head.apply(params, {r: feats[r] for r in disc_cfg.resolutions})
 

@@ -10,7 +10,19 @@ Three networks share the teacher's denoiser architecture `D(x; sigma)`:
 
 One engine step = `critic_steps` updates of fake score and discriminator (two-time-scale update
 rule, DMD2 / f-distill), then one generator update with the method's loss (see
-`one_step_losses`). Methods (`config.method`):
+`one_step_losses`), then one EMA update. A step is therefore *one generator update*:
+FastGen's iterations (4 critic + 1 generator update per 5, EMA every iteration) translate to
+`critic_steps = 4`, `num_steps = iterations / 5` and `ema_decay = beta^5` (exact: the generator
+does not move between its updates); DMD2's (5 critic updates per generator update) to
+`critic_steps = 5`. The configs carry the translated numbers (`docs/one_step_settings.md`).
+
+Noise levels: the generator's loss draws sigma from `config.distill.noise`, the fake score from
+`config.distill.fake_score_noise` ('same' = the generator's), both in `one_step.noise`; the
+discriminator sees generator samples at the fake score's noise when that is 'same' (FastGen:
+the same `x_t`) and real samples at fresh noise from the generator's sampler. With
+`config.distill.gan_r1_weight > 0` the discriminator adds FastGen's approximate R1.
+`config.distill.ema_halflife_images > 0` replaces `config.ema_decay` by SiD's EMA:
+`0.5^(B / min(halflife, ema_rampup_ratio * images seen))`. Methods (`config.method`):
 
 | method | generator loss | divergence | GAN |
 |---|---|---|---|
@@ -36,7 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from didistill import divergences
-from didistill.distill.one_step import losses, table
+from didistill.distill.one_step import losses, noise, table
 from didistill.distill.one_step.parts import OneStepParts
 from didistill.train.method import Method
 from didistill.train.optim import apply_gradients, ema_update, make_optimizer
@@ -81,8 +93,31 @@ def validate(config) -> None:
         )
     if d.critic_steps < 0:
         raise ValueError(f"config.distill.critic_steps must be >= 0, got {d.critic_steps}")
-    if not 0 <= d.min_index < d.max_index <= d.num_sigmas:
-        raise ValueError("config.distill needs 0 <= min_index < max_index <= num_sigmas")
+    if not 0 <= d.min_index < d.max_index < d.num_sigmas:
+        raise ValueError(
+            "config.distill needs 0 <= min_index < max_index < num_sigmas (an inclusive range "
+            "of indices of the ascending Karras grid)"
+        )
+    for key in ("noise", "fake_score_noise"):
+        allowed = noise.SAMPLERS + (("same",) if key == "fake_score_noise" else ())
+        if d[key] not in allowed:
+            raise ValueError(f"config.distill.{key}={d[key]!r} is not one of {allowed}")
+    if d.fake_score_weight not in losses.FAKE_SCORE_WEIGHTS:
+        raise ValueError(
+            f"config.distill.fake_score_weight={d.fake_score_weight!r} is not one of "
+            f"{losses.FAKE_SCORE_WEIGHTS}"
+        )
+
+
+def ema_decay_at(step_index, batch_size, decay, halflife_images=0.0, rampup_ratio=0.0):
+    """EMA decay of step `step_index`: `decay`, or SiD's (`sid_training_loop`)
+    `0.5^(B / max(min(halflife, rampup * images seen), 1e-8))` when `halflife_images > 0`."""
+    if halflife_images <= 0:
+        return decay
+    halflife = halflife_images
+    if rampup_ratio > 0:
+        halflife = jnp.minimum(halflife, step_index * batch_size * rampup_ratio)
+    return 0.5 ** (batch_size / jnp.maximum(halflife, 1e-8))
 
 
 def build_parts(config) -> OneStepParts:
@@ -109,20 +144,25 @@ def make_method(config) -> Method:
     opt_g = make_optimizer(config.optim_generator)
     opt_f = make_optimizer(config.optim_fake_score)
     opt_d = make_optimizer(config.optim_discriminator)
-    sigma_grid = jnp.asarray(parts.sigma_grid)  # [num_sigmas], decreasing
-    bins_per_index = d.num_bins / (d.max_index - d.min_index)
     exact = d.ratio == "exact"
+    sample_sigma = noise.make_sampler(d.noise, d)
+    same_noise = d.fake_score_noise == "same"
+    sample_fake_sigma = sample_sigma if same_noise else noise.make_sampler(d.fake_score_noise, d)
+    r1_weight, r1_alpha = float(d.get("gan_r1_weight", 0.0)), float(d.get("gan_r1_alpha", 0.1))
+    ema_halflife = float(d.get("ema_halflife_images", 0.0))
+    ema_rampup = float(d.get("ema_rampup_ratio", 0.0))
 
-    def sample_sigmas(key, n):  # noise levels and their bins: ([n], [n])
-        index = jax.random.randint(key, (n,), d.min_index, d.max_index)
-        bins = jnp.floor((index - d.min_index) * bins_per_index).astype(jnp.int32)
-        return sigma_grid[index], bins
-
-    def noised(key, x0):  # -> xt, sigma, bins
+    def noised(key, x0, sampler=sample_sigma):  # -> xt, sigma, bins (f-distill's time bins)
         k_sigma, k_eps = jax.random.split(key)
-        sigma, bins = sample_sigmas(k_sigma, x0.shape[0])
+        sigma = sampler(k_sigma, x0.shape[0]).astype(x0.dtype)
+        bins = noise.time_bins(sigma, d.num_bins, d.sigma_min, d.sigma_max)
         eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
         return x0 + sigma.reshape((-1,) + (1,) * (x0.ndim - 1)) * eps, sigma, bins
+
+    def ema_decay(step_index):
+        return ema_decay_at(
+            step_index, parts.batch_size, config.ema_decay, ema_halflife, ema_rampup
+        )
 
     def init(key):
         g, f, disc = parts.init_params(key)
@@ -142,25 +182,35 @@ def make_method(config) -> Method:
         k_gen, k_fake, k_real, k_disc = jax.random.split(key, 4)
         x0, cond = parts.generate(state.generator, k_gen, real.shape[0])
         x0 = shard_batch(jax.lax.stop_gradient(x0))
-        xt, sigma, _ = noised(k_fake, x0)
+        xt, sigma, _ = noised(k_fake, x0, sample_fake_sigma)
 
         def fake_loss(params):
             return losses.fake_score_loss(
-                parts.denoise(params, xt, sigma, cond), x0, sigma, parts.sigma_data
+                parts.denoise(params, xt, sigma, cond),
+                x0,
+                sigma,
+                parts.sigma_data,
+                d.fake_score_weight,
             )
 
         f_loss, f_grads = jax.value_and_grad(fake_loss)(state.fake_score)
         fake_score, fake_opt = apply_gradients(
             opt_f, state.fake_score, state.fake_score_opt, f_grads
         )
+        k_real, k_r1 = jax.random.split(k_real)
         real_t, real_sigma, _ = noised(k_real, real)
-        fake_t, fake_sigma, _ = noised(k_disc, x0)
+        fake_t, fake_sigma = (xt, sigma) if same_noise else noised(k_disc, x0)[:2]
 
         def disc_loss(params):
-            return losses.discriminator_loss(
-                parts.disc_logit(params, real_t, real_sigma, real_cond),
-                parts.disc_logit(params, fake_t, fake_sigma, cond),
+            logit_real = parts.disc_logit(params, real_t, real_sigma, real_cond)
+            loss = losses.discriminator_loss(
+                logit_real, parts.disc_logit(params, fake_t, fake_sigma, cond)
             )
+            if r1_weight > 0:  # FastGen: clean real + alpha n, at the real sample's sigma
+                shifted = real + r1_alpha * jax.random.normal(k_r1, real.shape, real.dtype)
+                logit_shifted = parts.disc_logit(params, shifted, real_sigma, real_cond)
+                loss = loss + r1_weight * losses.r1_penalty(logit_real, logit_shifted)
+            return loss
 
         d_loss, d_grads = jax.value_and_grad(disc_loss)(state.discriminator)
         disc, disc_opt = apply_gradients(
@@ -207,7 +257,7 @@ def make_method(config) -> Method:
         return total, (aux, ratio_bins)
 
     def step(state, batch, key, step_index):
-        del step_index  # every engine step is one generator update after its critic updates
+        # every engine step is one generator update after its critic updates
         k_critic, k_gen = jax.random.split(key)
         critic_metrics = {}
         if d.critic_steps > 0:
@@ -231,7 +281,7 @@ def make_method(config) -> Method:
         state = state.replace(
             generator=generator,
             generator_opt=generator_opt,
-            generator_ema=ema_update(state.generator_ema, generator, config.ema_decay),
+            generator_ema=ema_update(state.generator_ema, generator, ema_decay(step_index)),
             ratio_bins=ratio_bins,
         )
         metrics = dict(aux, **{k: jnp.mean(v) for k, v in critic_metrics.items()})
@@ -249,4 +299,4 @@ def make_method(config) -> Method:
     )
 
 
-__all__ = ["OneStepState", "build_parts", "make_method", "validate"]
+__all__ = ["OneStepState", "build_parts", "ema_decay_at", "make_method", "validate"]

@@ -14,7 +14,13 @@ A row says what distinguishes a method inside the shared engine (`one_step.metho
   sigma_g z to an image at noise level sigma_g);
 - `recipe`: the published recipe family the configs start from: 'dmd' (FastGen / DMD2:
   generator input 80 z at sigma 80, AdamW) or 'sid' (SiD / Uni-Instruct / Diff-Instruct:
-  2.5 z at sigma 2.5, Adam with b1 = 0).
+  2.5 z at sigma 2.5 (Diff-Instruct: 1.0), Adam with b1 = 0);
+- `noise`, `fake_score_noise`, `fake_score_weight`: the config defaults of the generator's and
+  the fake score's noise samplers (`one_step.noise`) and of the fake-score loss weighting
+  (`losses.fake_score_loss`), as in each reference code: FastGen draws both from its Karras
+  index sampler and trains the fake score by an unweighted x0-MSE; SiD / Uni-Instruct draw the
+  generator's sigma by `u ~ U[0, 0.8)` and Diff-Instruct's from lognormal(-1.2, 1.2), and all
+  three train the fake score with EDM's lognormal noise and lambda weight.
 
 To add a method: write its loss in `one_step.losses`, add a row here, and give its config
 defaults in `configs/one_step_common.py` if they differ (see docs/design.md).
@@ -36,6 +42,9 @@ class OneStepMethod(NamedTuple):
     alpha: float = 1.0
     sigma_g: float = 80.0
     recipe: str = "dmd"
+    noise: str = "karras_index"
+    fake_score_noise: str = "same"
+    fake_score_weight: str = "none"
 
     @property
     def uses_ratio(self) -> bool:
@@ -68,6 +77,13 @@ def _uni_instruct(x0, sigma, d_teacher, d_fake, log_r, divergence, cfg):
     )
 
 
+# SiD `generator_loss` (u ~ U[0, tmax/1000)) and SiD's / EDM's fake-score loss (lognormal, lambda)
+_SID_NOISE = dict(recipe="sid", noise="sid", fake_score_noise="lognormal", fake_score_weight="edm")
+# Diff-Instruct `DI_EDMLoss.gloss` and `__call__`: lognormal(-1.2, 1.2) for both networks
+_DI_NOISE = dict(
+    recipe="sid", noise="lognormal", fake_score_noise="lognormal", fake_score_weight="edm"
+)
+
 METHODS: dict[str, OneStepMethod] = {
     # f-distill (Xu, Nie, Vahdat 2025): h(r)-weighted score difference, any divergence, GAN
     "f_distill": OneStepMethod(_f_distill, None, gan=True),
@@ -75,12 +91,12 @@ METHODS: dict[str, OneStepMethod] = {
     "dmd2": OneStepMethod(_f_distill, "reverse_kl", gan=True),
     # Diff-Instruct (Luo et al. 2023): reverse KL, unit time weight, no GAN
     "diff_instruct": OneStepMethod(
-        _f_distill, "reverse_kl", gan=False, time_weight="none", recipe="sid"
+        _f_distill, "reverse_kl", gan=False, time_weight="none", sigma_g=1.0, **_DI_NOISE
     ),
     # SiD (Zhou et al. 2024): score identity, gradients through the networks' inputs
-    "sid": OneStepMethod(_sid, "reverse_kl", gan=False, alpha=1.2, sigma_g=2.5, recipe="sid"),
+    "sid": OneStepMethod(_sid, "reverse_kl", gan=False, alpha=1.2, sigma_g=2.5, **_SID_NOISE),
     # Uni-Instruct (Wang et al. 2025): h-weighted SiD + Diff-Instruct term, any divergence, GAN
-    "uni_instruct": OneStepMethod(_uni_instruct, None, gan=True, sigma_g=2.5, recipe="sid"),
+    "uni_instruct": OneStepMethod(_uni_instruct, None, gan=True, sigma_g=2.5, **_SID_NOISE),
 }
 
 
