@@ -158,7 +158,7 @@ class TestMetrics:
 
 class TestFilesAndData:
     def test_missing_and_corrupt(self, tmp_path):
-        with pytest.raises(FileNotFoundError, match="configs/digits_classifier.py:teacher"):
+        with pytest.raises(FileNotFoundError, match="--config=digits_classifier:teacher"):
             load_classifier(str(tmp_path / "nope.msgpack"))
         (tmp_path / "bad.msgpack").write_bytes(b"\x00garbage\xff" * 5)
         with pytest.raises(ValueError, match="not a readable classifier file"):

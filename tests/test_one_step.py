@@ -149,7 +149,7 @@ def _run_main(workdir, teacher, devices):
         sys.executable,
         "-m",
         "didistill.main",
-        "--config=configs/toy2d.py:jensen_shannon,smoke",
+        "--config=toy2d:jensen_shannon,smoke",
         f"--config.teacher.checkpoint={teacher}",
         f"--workdir={workdir}",
     ]

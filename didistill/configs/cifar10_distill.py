@@ -1,11 +1,11 @@
 """One-step distillation of EDM's class-conditional CIFAR-10 teacher, published settings.
 
-    --config=configs/cifar10_distill.py                   f-distill, forward KL (FastGen)
-    --config=configs/cifar10_distill.py:jensen_shannon    f-distill with another divergence
-    --config=configs/cifar10_distill.py:dmd2              DMD2 (reverse KL + GAN)
-    --config=configs/cifar10_distill.py:sid               SiD (alpha 1.2, no GAN)
-    --config=configs/cifar10_distill.py:uni_instruct      Uni-Instruct (forward KL + GAN)
-    --config=configs/cifar10_distill.py:dmd2,smoke        two tiny steps, for tests
+    --config=cifar10_distill                   f-distill, forward KL (FastGen)
+    --config=cifar10_distill:jensen_shannon    f-distill with another divergence
+    --config=cifar10_distill:dmd2              DMD2 (reverse KL + GAN)
+    --config=cifar10_distill:sid               SiD (alpha 1.2, no GAN)
+    --config=cifar10_distill:uni_instruct      Uni-Instruct (forward KL + GAN)
+    --config=cifar10_distill:dmd2,smoke        two tiny steps, for tests
 
 Teacher: `data/edm/edm-cifar10-cond.msgpack`, EDM's edm-cifar10-32x32-cond-vp converted by
 

@@ -1,9 +1,9 @@
 """Classifiers on scikit-learn's 8x8 digits (method 'classifier', didistill/distill/kd.py).
 
-    --config=configs/digits_classifier.py:teacher          the KD teacher (CNN)
-    --config=configs/digits_classifier.py:student          the no-KD baseline: the KD student
+    --config=digits_classifier:teacher          the KD teacher (CNN)
+    --config=digits_classifier:student          the no-KD baseline: the KD student
                                                             network trained on labels only
-    --config=configs/digits_classifier.py:teacher,smoke    tiny network and run, for tests
+    --config=digits_classifier:teacher,smoke    tiny network and run, for tests
 
 The data is `didistill.data.images` 'digits' (1500 train / 297 test, stratified), prepared
 offline into config.data.data_dir ('' = $TFDS_DATA_DIR or ~/tensorflow_datasets) on first use.

@@ -1,11 +1,11 @@
 """One-step distillation of the 8x8 digits EDM teacher (didistill/distill/one_step/images.py).
 
-    --config=configs/digits_distill.py:jensen_shannon     f-distill with a registered divergence
-    --config=configs/digits_distill.py:dmd2               a named method (dmd2, diff_instruct,
+    --config=digits_distill:jensen_shannon     f-distill with a registered divergence
+    --config=digits_distill:dmd2               a named method (dmd2, diff_instruct,
                                                           sid, uni_instruct), or with a
                                                           divergence: uni_instruct,forward_kl
-    --config=configs/digits_distill.py:forward_kl,scratch generator initialised from scratch
-    --config=configs/digits_distill.py:dmd2,smoke         tiny run for tests
+    --config=digits_distill:forward_kl,scratch generator initialised from scratch
+    --config=digits_distill:dmd2,smoke         tiny run for tests
 
 The teacher is `assets/digits/teacher.msgpack`, trained by `configs/digits_teacher.py` (see
 assets/README.md). The digits are prepared offline into `config.data.data_dir` on first use.

@@ -1,8 +1,8 @@
 """Logit KD on 8x8 digits: a CNN teacher distilled into a small MLP (method 'kd',
 didistill/distill/kd.py).
 
-    --config=configs/digits_kd.py:forward_kl          any name in kd.KD_DIVERGENCES
-    --config=configs/digits_kd.py:alpha_beta,smoke    tiny run for tests
+    --config=digits_kd:forward_kl          any name in kd.KD_DIVERGENCES
+    --config=digits_kd:alpha_beta,smoke    tiny run for tests
 
 The student network, data, optimizer and run length are those of the label-only baseline
 `configs/digits_classifier.py:student`, so the two are compared like for like. The teacher is

@@ -1,8 +1,8 @@
 """EDM teacher on scikit-learn's 8x8 digits (didistill/distill/teachers/images.py).
 
-    --config=configs/digits_teacher.py            class-conditional U-Net, 8x8x1
-    --config=configs/digits_teacher.py:uncond     unconditional
-    --config=configs/digits_teacher.py:smoke      tiny network and run, for tests
+    --config=digits_teacher            class-conditional U-Net, 8x8x1
+    --config=digits_teacher:uncond     unconditional
+    --config=digits_teacher:smoke      tiny network and run, for tests
 
 The digits are prepared offline into `config.data.data_dir` (default 'data/tfds', relative to
 the working directory) on first use. The run writes samples.png, eval.json and

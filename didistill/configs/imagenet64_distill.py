@@ -1,11 +1,11 @@
 """One-step distillation of a class-conditional ImageNet-64 EDM teacher, published settings.
 
-    --config=configs/imagenet64_distill.py                 f-distill, Jensen-Shannon (FastGen)
-    --config=configs/imagenet64_distill.py:forward_kl      f-distill with another divergence
-    --config=configs/imagenet64_distill.py:dmd2            DMD2 (reverse KL + GAN)
-    --config=configs/imagenet64_distill.py:sid             SiD
-    --config=configs/imagenet64_distill.py:uni_instruct    Uni-Instruct
-    --config=configs/imagenet64_distill.py:dmd2,smoke      two tiny steps, for tests
+    --config=imagenet64_distill                 f-distill, Jensen-Shannon (FastGen)
+    --config=imagenet64_distill:forward_kl      f-distill with another divergence
+    --config=imagenet64_distill:dmd2            DMD2 (reverse KL + GAN)
+    --config=imagenet64_distill:sid             SiD
+    --config=imagenet64_distill:uni_instruct    Uni-Instruct
+    --config=imagenet64_distill:dmd2,smoke      two tiny steps, for tests
 
 Teacher: `data/edm/edm-imagenet64-cond.msgpack`, EDM's released class-conditional ImageNet-64
 model (edm-imagenet-64x64-cond-adm.pkl: an ADM network, `didistill.nets.adm.ADMDenoiser`,

@@ -1,7 +1,7 @@
 """MDLM teacher on OpenWebText with the published settings (Sahoo et al. 2024; MDLM repo
 `configs/*`, its Hydra configs of the OpenWebText run). For GPU/TPU.
 
-    --config=configs/owt_mdlm.py          GPT-2 tokenizer, L = 1024, DiT 12 x 768 x 12 heads,
+    --config=owt_mdlm          GPT-2 tokenizer, L = 1024, DiT 12 x 768 x 12 heads,
                                           AdamW 3e-4, 2,500 warm-up steps then constant,
                                           grad clip 1.0, batch 512, 1M steps, EMA 0.9999,
                                           log-linear schedule (eps 1e-3), no time conditioning

@@ -1,8 +1,8 @@
 """DiDi-Instruct on a synthetic language (didistill/distill/discrete/didi.py).
 
-    --config=configs/synthetic_didi.py:markov --config.teacher.checkpoint=DIR/teacher_params.msgpack
-    --config=configs/synthetic_didi.py:markov,smoke       tiny run, for tests
-    --config=configs/synthetic_didi.py:markov_tiny,cpu   minutes on 2 CPU cores from the shipped
+    --config=synthetic_didi:markov --config.teacher.checkpoint=DIR/teacher_params.msgpack
+    --config=synthetic_didi:markov,smoke       tiny run, for tests
+    --config=synthetic_didi:markov_tiny,cpu   minutes on 2 CPU cores from the shipped
                                                           teacher (assets/text, length 32)
 
 The teacher comes from configs/synthetic_mdlm.py on the same language and length. Every

@@ -1,8 +1,8 @@
 """MDLM teacher on a synthetic language with exact likelihood (didistill/distill/teachers/mdlm.py).
 
-    --config=configs/synthetic_mdlm.py:markov          full run (CPU minutes)
-    --config=configs/synthetic_mdlm.py:hmm,smoke       tiny network and run, for tests
-    --config=configs/synthetic_mdlm.py:markov_tiny,cpu   the shipped CPU teacher (assets/text)
+    --config=synthetic_mdlm:markov          full run (CPU minutes)
+    --config=synthetic_mdlm:hmm,smoke       tiny network and run, for tests
+    --config=synthetic_mdlm:markov_tiny,cpu   the shipped CPU teacher (assets/text)
     languages: see didistill.data.text.LANGUAGES (markov_tiny, markov_small, markov,
                hmm_small, hmm)
 

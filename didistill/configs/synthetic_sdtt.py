@@ -1,7 +1,7 @@
 """Step-halving (SDTT) distillation on a synthetic language (distill/discrete/step_halving.py).
 
-    --config=configs/synthetic_sdtt.py:markov --config.teacher.checkpoint=DIR/teacher_params.msgpack
-    --config=configs/synthetic_sdtt.py:markov,smoke       tiny run, for tests
+    --config=synthetic_sdtt:markov --config.teacher.checkpoint=DIR/teacher_params.msgpack
+    --config=synthetic_sdtt:markov,smoke       tiny run, for tests
 
 The teacher comes from configs/synthetic_mdlm.py on the same language and length. Rounds:
 round k trains a student of teacher_steps / 2^(k+1) steps against a teacher of

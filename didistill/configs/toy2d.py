@@ -1,11 +1,11 @@
 """One-step distillation of the 8-mode ring (or another toy) from its EDM teacher.
 
-    --config=configs/toy2d.py:jensen_shannon          f-distill with a registered divergence
-    --config=configs/toy2d.py:dmd2                    a named method (dmd2, diff_instruct, sid,
+    --config=toy2d:jensen_shannon          f-distill with a registered divergence
+    --config=toy2d:dmd2                    a named method (dmd2, diff_instruct, sid,
                                                       uni_instruct; uni_instruct,forward_kl)
-    --config=configs/toy2d.py:forward_kl,scratch      generator initialised from scratch
-    --config=configs/toy2d.py:forward_kl,smoke        tiny run for tests
-    --config=configs/toy2d.py:exact                   affine generator with exact ratios (oracle)
+    --config=toy2d:forward_kl,scratch      generator initialised from scratch
+    --config=toy2d:forward_kl,smoke        tiny run for tests
+    --config=toy2d:exact                   affine generator with exact ratios (oracle)
 
 The teacher is `assets/toy/ring8_teacher.msgpack`, trained by `configs/toy_teacher.py:ring8`
 (see assets/README.md for the command).

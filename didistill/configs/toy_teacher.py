@@ -1,7 +1,7 @@
 """EDM teacher on an analytic 2-D toy (method 'toy_teacher', didistill/distill/teachers/toy.py).
 
-    --config=configs/toy_teacher.py:ring8          full run (3000 steps, ~1-2 CPU minutes)
-    --config=configs/toy_teacher.py:ring8,smoke    tiny network and run, for tests
+    --config=toy_teacher:ring8          full run (3000 steps, ~1-2 CPU minutes)
+    --config=toy_teacher:ring8,smoke    tiny network and run, for tests
     toys: ring8 | grid25 | moons  (see didistill/data/toy.py)
 
 sigma_data is the exact root-mean-square per-coordinate std of the toy, sqrt(mean_j Var[x_j]).

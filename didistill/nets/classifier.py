@@ -103,7 +103,7 @@ def num_params(params) -> int:
 
 CLASSIFIER_FILE = "classifier_params.msgpack"
 _HOW_TO_TRAIN = (
-    "Train one with: python -m didistill.main --config=configs/digits_classifier.py:teacher "
+    "Train one with: python -m didistill.main --config=digits_classifier:teacher "
     f"--workdir=DIR (it writes DIR/{CLASSIFIER_FILE})."
 )
 

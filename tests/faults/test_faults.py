@@ -301,7 +301,7 @@ def test_kill_9_at_a_random_step_then_resume_gives_the_same_run(reference, tmp_p
 # ------------------------------------------------------------------ messages
 
 
-TOY = "--config=configs/toy2d.py:forward_kl,smoke"
+TOY = "--config=toy2d:forward_kl,smoke"
 
 
 def _bad_file(tmp_path, name, text):
@@ -383,7 +383,7 @@ def test_divergence_params_can_be_set_from_the_command_line(tmp_path):
     proc = common.run_main(
         tmp_path / "run",
         "--config.distill.divergence_params.alphaa=0.3",
-        config="--config=configs/toy2d.py:alpha,smoke",
+        config="--config=toy2d:alpha,smoke",
         timeout=300,
     )
     assert proc.returncode == 2, proc.stderr[-3000:]

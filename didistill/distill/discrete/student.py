@@ -120,8 +120,8 @@ def load(config, validate: Callable[[DiT], None] = lambda net: None) -> TextStud
     if not config.teacher.checkpoint:
         raise ValueError(
             "config.teacher.checkpoint is empty: point it at a teacher_params.msgpack written by "
-            "configs/synthetic_mdlm.py (python -m didistill.main --config=configs/"
-            "synthetic_mdlm.py:LANGUAGE --workdir=DIR)"
+            "configs/synthetic_mdlm.py (python -m didistill.main "
+            "--config=synthetic_mdlm:LANGUAGE --workdir=DIR)"
         )
     net, teacher_params, meta = load_teacher_denoiser(config.teacher.checkpoint)
     validate(net)

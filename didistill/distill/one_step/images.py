@@ -48,7 +48,7 @@ def load_teacher_unet(path: str):
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"config.teacher.checkpoint={path!r} does not exist. For digits train a teacher "
-            "(python -m didistill.main --config=configs/digits_teacher.py --workdir=DIR, which "
+            "(python -m didistill.main --config=digits_teacher --workdir=DIR, which "
             "writes DIR/teacher.msgpack; see assets/README.md); for CIFAR-10 (DDPM++) and "
             "ImageNet-64 (ADM) convert EDM's "
             "weights with python -m didistill.nets.convert_edm (see its docstring). Run from "

@@ -139,17 +139,7 @@ def sid_generator_loss(x0, d_teacher, d_fake, alpha, time_weight="dmd"):
     return jnp.mean(per_sample * _time_weight(x0, d_teacher, time_weight))
 
 
-def uni_instruct_generator_loss(
-    x0,
-    sigma,
-    d_teacher,
-    d_fake,
-    log_r,
-    divergence: FDivergence,
-    alpha=0.5,
-    normalize=True,
-    time_weight="dmd",
-):
+def uni_instruct_generator_loss(*args, **kwargs):
     """Uni-Instruct: the `h`-weighted SiD term plus the Diff-Instruct term from `grad_x h(r)`.
 
     Per sample (derivation in `docs/uni_instruct_derivation.md`), with `P_a` the SiD integrand
@@ -159,10 +149,9 @@ def uni_instruct_generator_loss(
     the exact objective, `P_{1/2}`, whatever the config's `alpha` (SiD's empirical alpha only
     reweights the SIM term; at alpha 1.0 E[P] is about 0 and at 1.2 it flips sign).
     Reverse KL (`h = 1`) is SiD. Mean over samples and dimensions (see the module docstring).
+    Arguments: those of `uni_instruct_terms`.
     """
-    sim, di = uni_instruct_terms(
-        x0, sigma, d_teacher, d_fake, log_r, divergence, alpha, normalize, time_weight
-    )
+    sim, di = uni_instruct_terms(*args, **kwargs)
     return sim + di
 
 

@@ -57,7 +57,7 @@ def logits_fn_of(net: DiT, params) -> masked.LogitsFn:
 
 
 _HOW_TO_CREATE = (
-    "Train one first: python -m didistill.main --config=configs/synthetic_mdlm.py:markov "
+    "Train one first: python -m didistill.main --config=synthetic_mdlm:markov "
     f"--workdir=DIR (writes DIR/{TEACHER_FILE})."
 )
 

@@ -40,7 +40,7 @@ TEACHER_FILE = "teacher_params.msgpack"
 
 
 _HOW_TO_CREATE = (
-    "Train one first: python -m didistill.main --config=configs/toy_teacher.py:ring8 "
+    "Train one first: python -m didistill.main --config=toy_teacher:ring8 "
     f"--workdir=DIR (writes DIR/{TEACHER_FILE})."
 )
 
