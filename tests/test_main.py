@@ -34,11 +34,7 @@ def _main(workdir, *flags, devices=1, timeout=180):
     )
 
 
-def _lines(workdir):
-    """metrics.jsonl without the timing keys (they differ between identical runs)."""
-    with open(os.path.join(workdir, loop.METRICS_FILE)) as f:
-        lines = [json.loads(line) for line in f]
-    return [{k: v for k, v in line.items() if k not in writers.TIMING_KEYS} for line in lines]
+_lines = writers.comparable_metrics  # metrics.jsonl without the timing keys
 
 
 def _train_in_process(workdir, **train):

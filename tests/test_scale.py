@@ -183,10 +183,7 @@ def _child_sharded_resume():
     def run(workdir, c):
         return loop.train(dummy_method.make_method(c), c, workdir)
 
-    def metrics(workdir):  # without the timing keys (they differ between identical runs)
-        with open(os.path.join(workdir, loop.METRICS_FILE)) as f:
-            lines = [json.loads(line) for line in f]
-        return [{k: v for k, v in x.items() if k not in writers.TIMING_KEYS} for x in lines]
+    metrics = writers.comparable_metrics  # without the timing keys
 
     ref_dir, run_dir = tempfile.mkdtemp(), tempfile.mkdtemp()
     ref = run(ref_dir, config())

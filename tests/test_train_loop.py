@@ -13,7 +13,7 @@ from didistill.train import loop
 from didistill.train.errors import ConfigError, NonFiniteError
 from didistill.train.reporting import MetricsWriter
 from didistill.train.validate import validate_config
-from didistill.train.writers import TIMING_KEYS
+from didistill.train.writers import comparable_metrics
 from tests import dummy_method
 
 
@@ -31,13 +31,7 @@ def _train(workdir, config):
     return loop.train(dummy_method.make_method(config), config, str(workdir))
 
 
-def _metrics(workdir):
-    """metrics.jsonl without the timing keys (they differ between identical runs)."""
-    with open(os.path.join(workdir, loop.METRICS_FILE)) as f:
-        lines = [json.loads(line) for line in f]
-    return "".join(
-        json.dumps({k: v for k, v in line.items() if k not in TIMING_KEYS}) + "\n" for line in lines
-    )
+_metrics = comparable_metrics  # metrics.jsonl without the timing keys
 
 
 def _assert_same_tree(a, b):
@@ -72,7 +66,7 @@ def reference(tmp_path_factory):
 def test_uninterrupted_run_writes_the_run_directory(reference):
     workdir, result = reference
     assert result["step"] == 12 and not result["preempted"]
-    lines = [json.loads(line) for line in _metrics(workdir).splitlines()]
+    lines = _metrics(workdir)
     assert [line["step"] for line in lines] == [3, 6, 9, 12]
     assert all(np.isfinite(line["loss"]) and line["nonfinite_total"] == 0 for line in lines)
     assert _checkpoint_steps(workdir) == [8, 12]
@@ -139,7 +133,7 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path):
     config.train.log_every = 1
     config.train.checkpoint_every = 3
     result = _train(tmp_path / "nan", config)
-    lines = [json.loads(line) for line in _metrics(tmp_path / "nan").splitlines()]
+    lines = _metrics(tmp_path / "nan")
     assert [line["nonfinite_skipped"] for line in lines] == [0, 0, 1, 0]
     assert [line["nonfinite_consecutive"] for line in lines] == [0, 0, 1, 0]
     assert [line["nonfinite_total"] for line in lines] == [0, 0, 1, 1]

@@ -27,6 +27,7 @@ Work directories may be any `etils.epath` path, gs:// included (`pip install gcs
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -187,7 +188,16 @@ def make_writers(config, workdir: str, metrics_path: str, start: int, is_main: b
     return Writers(jsonl, backends)
 
 
+def comparable_metrics(workdir: str) -> list[dict[str, Any]]:
+    """The lines of `<workdir>/metrics.jsonl` without `TIMING_KEYS`: what two runs of the same
+    config share bit for bit (resume and fault-injection tests compare these)."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    return [{k: v for k, v in line.items() if k not in TIMING_KEYS} for line in lines]
+
+
 __all__ = [
+    "comparable_metrics",
     "BACKENDS",
     "TIMING_KEYS",
     "Writers",
