@@ -68,43 +68,43 @@ class OneStepState(flax.struct.PyTreeNode):
 
 def validate(config) -> None:
     """Checks the method-level keys; raises ValueError naming the key and the valid choices."""
-    d = config.distill
+    cfg = config.distill
     spec = table.get(config.method)
-    divergences.get(d.divergence, **dict(d.divergence_params))  # raises with the valid names
-    if spec.divergence is not None and d.divergence != spec.divergence:
+    divergences.get(cfg.divergence, **dict(cfg.divergence_params))  # raises with the valid names
+    if spec.divergence is not None and cfg.divergence != spec.divergence:
         any_divergence = [name for name, row in table.METHODS.items() if row.uses_ratio]
         raise ValueError(
             f"config.method={config.method!r} is defined with {spec.divergence}, got "
-            f"config.distill.divergence={d.divergence!r}; use method={any_divergence} "
+            f"config.distill.divergence={cfg.divergence!r}; use method={any_divergence} "
             "for other divergences"
         )
-    if d.divergence == "total_variation" and spec.uses_ratio:
+    if cfg.divergence == "total_variation" and spec.uses_ratio:
         raise ValueError("config.distill.divergence='total_variation' has no weight h(r)")
-    if d.ratio not in ("discriminator", "exact"):
+    if cfg.ratio not in ("discriminator", "exact"):
         raise ValueError(
-            f"config.distill.ratio={d.ratio!r} is not one of ('discriminator', 'exact')"
+            f"config.distill.ratio={cfg.ratio!r} is not one of ('discriminator', 'exact')"
         )
-    if d.ratio == "exact" and (
+    if cfg.ratio == "exact" and (
         config.generator.kind != "affine" or config.teacher.score != "exact"
     ):
         raise ValueError(
             "config.distill.ratio='exact' needs config.generator.kind='affine' and "
             "config.teacher.score='exact' (the only case with exact student and teacher densities)"
         )
-    if d.critic_steps < 0:
-        raise ValueError(f"config.distill.critic_steps must be >= 0, got {d.critic_steps}")
-    if not 0 <= d.min_index < d.max_index < d.num_sigmas:
+    if cfg.critic_steps < 0:
+        raise ValueError(f"config.distill.critic_steps must be >= 0, got {cfg.critic_steps}")
+    if not 0 <= cfg.min_index < cfg.max_index < cfg.num_sigmas:
         raise ValueError(
             "config.distill needs 0 <= min_index < max_index < num_sigmas (an inclusive range "
             "of indices of the ascending Karras grid)"
         )
     for key in ("noise", "fake_score_noise"):
         allowed = noise.SAMPLERS + (("same",) if key == "fake_score_noise" else ())
-        if d[key] not in allowed:
-            raise ValueError(f"config.distill.{key}={d[key]!r} is not one of {allowed}")
-    if d.fake_score_weight not in losses.FAKE_SCORE_WEIGHTS:
+        if cfg[key] not in allowed:
+            raise ValueError(f"config.distill.{key}={cfg[key]!r} is not one of {allowed}")
+    if cfg.fake_score_weight not in losses.FAKE_SCORE_WEIGHTS:
         raise ValueError(
-            f"config.distill.fake_score_weight={d.fake_score_weight!r} is not one of "
+            f"config.distill.fake_score_weight={cfg.fake_score_weight!r} is not one of "
             f"{losses.FAKE_SCORE_WEIGHTS}"
         )
 
@@ -138,24 +138,26 @@ def make_method(config) -> Method:
     """Builds the one-step distillation `Method` for `config` (see `configs/toy2d.py`)."""
     validate(config)
     parts = build_parts(config)  # networks, teacher, data and evaluation
-    d = config.distill
+    cfg = config.distill
     spec = table.get(config.method)
-    divergence = divergences.get(d.divergence, **dict(d.divergence_params))
+    divergence = divergences.get(cfg.divergence, **dict(cfg.divergence_params))
     opt_g = make_optimizer(config.optim_generator)
     opt_f = make_optimizer(config.optim_fake_score)
     opt_d = make_optimizer(config.optim_discriminator)
-    exact = d.ratio == "exact"
-    sample_sigma = noise.make_sampler(d.noise, d)
-    same_noise = d.fake_score_noise == "same"
-    sample_fake_sigma = sample_sigma if same_noise else noise.make_sampler(d.fake_score_noise, d)
-    r1_weight, r1_alpha = float(d.get("gan_r1_weight", 0.0)), float(d.get("gan_r1_alpha", 0.1))
-    ema_halflife = float(d.get("ema_halflife_images", 0.0))
-    ema_rampup = float(d.get("ema_rampup_ratio", 0.0))
+    exact = cfg.ratio == "exact"
+    sample_sigma = noise.make_sampler(cfg.noise, cfg)
+    same_noise = cfg.fake_score_noise == "same"
+    sample_fake_sigma = (
+        sample_sigma if same_noise else noise.make_sampler(cfg.fake_score_noise, cfg)
+    )
+    r1_weight, r1_alpha = float(cfg.get("gan_r1_weight", 0.0)), float(cfg.get("gan_r1_alpha", 0.1))
+    ema_halflife = float(cfg.get("ema_halflife_images", 0.0))
+    ema_rampup = float(cfg.get("ema_rampup_ratio", 0.0))
 
     def noised(key, x0, sampler=sample_sigma):  # -> xt, sigma, bins (f-distill's time bins)
         k_sigma, k_eps = jax.random.split(key)
         sigma = sampler(k_sigma, x0.shape[0]).astype(x0.dtype)
-        bins = noise.time_bins(sigma, d.num_bins, d.sigma_min, d.sigma_max)
+        bins = noise.time_bins(sigma, cfg.num_bins, cfg.sigma_min, cfg.sigma_max)
         eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
         return x0 + sigma.reshape((-1,) + (1,) * (x0.ndim - 1)) * eps, sigma, bins
 
@@ -174,7 +176,7 @@ def make_method(config) -> Method:
             fake_score_opt=opt_f.init(f),
             discriminator=disc,
             discriminator_opt=opt_d.init(disc),
-            ratio_bins=jnp.ones((d.num_bins,), jnp.float32),
+            ratio_bins=jnp.ones((cfg.num_bins,), jnp.float32),
         )
 
     def critic_update(state, real, real_cond, key):
@@ -190,7 +192,7 @@ def make_method(config) -> Method:
                 x0,
                 sigma,
                 parts.sigma_data,
-                d.fake_score_weight,
+                cfg.fake_score_weight,
             )
 
         f_loss, f_grads = jax.value_and_grad(fake_loss)(state.fake_score)
@@ -237,16 +239,16 @@ def make_method(config) -> Method:
         else:
             d_fake = parts.denoise(state.fake_score, xt, sigma, cond)
             logit = parts.disc_logit(state.discriminator, xt, sigma, cond)  # differentiable in xt
-            log_r = losses.process_log_ratio(logit, d.ratio_lower, d.ratio_upper)
+            log_r = losses.process_log_ratio(logit, cfg.ratio_lower, cfg.ratio_upper)
         ratio_bins = state.ratio_bins
-        if d.bin_normalize and not exact:
+        if cfg.bin_normalize and not exact:
             log_r, ratio_bins = losses.bin_normalize_log_ratio(
-                log_r, bins, d.num_bins, state.ratio_bins, d.ratio_ema_rate
+                log_r, bins, cfg.num_bins, state.ratio_bins, cfg.ratio_ema_rate
             )
-        main = spec.generator_loss(x0, sigma, d_teacher, d_fake, log_r, divergence, d)
-        use_gan = d.gan_weight > 0 and logit is not None
+        main = spec.generator_loss(x0, sigma, d_teacher, d_fake, log_r, divergence, cfg)
+        use_gan = cfg.gan_weight > 0 and logit is not None
         gan = losses.generator_gan_loss(logit) if use_gan else jnp.zeros(())
-        total = main + d.gan_weight * gan
+        total = main + cfg.gan_weight * gan
         # std of log r: 0 means every f-divergence's h(r) is the same and f-distill is DMD2.
         aux = {
             "generator_loss": main,
@@ -260,14 +262,14 @@ def make_method(config) -> Method:
         # every engine step is one generator update after its critic updates
         k_critic, k_gen = jax.random.split(key)
         critic_metrics = {}
-        if d.critic_steps > 0:
+        if cfg.critic_steps > 0:
             real = jnp.swapaxes(batch["x"], 0, 1)  # [critic_steps, B, ...]
             real_cond = jnp.swapaxes(batch["label"], 0, 1) if "label" in batch else None
-            critic_keys = jax.random.split(k_critic, d.critic_steps)
+            critic_keys = jax.random.split(k_critic, cfg.critic_steps)
             # A Python loop, not lax.scan: XLA:CPU leaves convolutions inside a while body in
             # non-canonical layouts (naive loops, not Eigen): the digits U-Net step ran 8x slower.
             per_step = []
-            for i in range(d.critic_steps):
+            for i in range(cfg.critic_steps):
                 cond_i = None if real_cond is None else real_cond[i]
                 state, m = critic_update(state, real[i], cond_i, critic_keys[i])
                 per_step.append(m)
