@@ -299,7 +299,7 @@ class TestConfigs:
         ("kd.temperature", 0.0, "temperature"),
         ("kd.divergence_params", ml_collections.ConfigDict({"alpha": 0.5}), "forward_kl"),
         ("kd.kd_weight", 0.0, "not both 0"),
-        ("teacher.checkpoint", "/nonexistent/t.msgpack", "digits_classifier.py:teacher"),
+        ("teacher.checkpoint", "/nonexistent/t.msgpack", "digits_classifier:teacher"),
         ("ema_decay", 1.0, "ema_decay"),
         ("data.max_shift", -1, "max_shift"),
     ],
