@@ -61,7 +61,9 @@ def test_evaluate_writes_grid_and_loadable_unet(trained, tmp_path):
 def test_save_image_grid(tmp_path):
     from PIL import Image
 
-    path = image_teacher.save_image_grid(np.zeros((5, 8, 8, 3)), str(tmp_path / "g.png"), 2)
+    from didistill.eval.plots import save_image_grid
+
+    path = save_image_grid(np.zeros((5, 8, 8, 3)), str(tmp_path / "g.png"), 2)
     with Image.open(path) as image:
         assert image.mode == "RGB" and image.size[0] > 0
 

@@ -60,10 +60,9 @@ def test_leaf_sharding_rule():
 
 
 def _load_config(path: str, arg: str):
-    spec = importlib.util.spec_from_file_location("_scale_config", os.path.join(REPO, path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    """`get_config(arg)` of the shipped config `configs/NAME.py` (`didistill.configs.NAME`)."""
+    name = os.path.basename(path).removesuffix(".py")
+    return importlib.import_module(f"didistill.configs.{name}").get_config(arg)
 
 
 def _spec(x) -> list:
