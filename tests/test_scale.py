@@ -177,6 +177,7 @@ def _child_sharded_resume():
         c.dummy.dim = 16  # w [16]: split over the 4 devices, like its Adam moments and EMA
         c.mesh.update(data=-1, model=2, fsdp=True)
         c.dummy.update(dummy)
+        c.fingerprint_ignore = ("dummy.sigterm_at_step",)  # the preemption is not the config
         return c
 
     def run(workdir, c):
