@@ -185,10 +185,8 @@ def build(config) -> OneStepParts:
                     plots.save_image_grid(grid, os.path.join(workdir, file), cols)
         return results
 
-    grid = np.asarray(edm.karras_sigmas(d.num_sigmas, d.sigma_min, d.sigma_max))[: d.num_sigmas]
     return OneStepParts(
         sigma_data=float(net.sigma_data),
-        sigma_grid=grid,
         batch_size=config.train.batch_size,
         init_params=init_params,
         generate=generate,

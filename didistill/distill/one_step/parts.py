@@ -10,12 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
-import numpy as np
-
 
 class OneStepParts(NamedTuple):
     sigma_data: float
-    sigma_grid: np.ndarray  # [num_sigmas] decreasing noise levels the losses draw from
     batch_size: int  # global batch
     init_params: Callable  # key -> (generator, fake_score, discriminator) params
     generate: Callable  # (generator params, key, n) -> (x0 [n, ...], cond [n] or None)

@@ -157,11 +157,8 @@ def build(config) -> OneStepParts:
         )
         return results
 
-    num = d.num_sigmas
-    grid = np.asarray(edm.karras_sigmas(num, d.sigma_min, d.sigma_max))[:num]
     return OneStepParts(
         sigma_data=net.sigma_data,
-        sigma_grid=grid,
         batch_size=config.train.batch_size,
         init_params=init_params,
         generate=generate,
