@@ -94,6 +94,51 @@ def test_bad_method_configs_say_what_to_do(change, message, tiny_toy_teacher):
         one_step.make_method(config)
 
 
+@pytest.mark.parametrize("key", ["di_term", "gan_time_weight"])
+def test_unknown_uni_instruct_options_name_the_key(key, tiny_toy_teacher):
+    config = _smoke_config("uni_instruct,forward_kl", tiny_toy_teacher)
+    config.distill[key] = "nope"
+    with pytest.raises(ValueError, match=f"config.distill.{key}='nope'"):
+        one_step.make_method(config)
+
+
+def _one_step(config):
+    method = get_method(config)
+    state = method.init(jax.random.key(0))
+    new, _ = jax.jit(method.step)(state, next(method.batches(0)), jax.random.key(1), 0)
+    return state, new
+
+
+def test_generator_waits_until_generator_freeze_images(tiny_toy_teacher):
+    config = _smoke_config("uni_instruct,forward_kl", tiny_toy_teacher)
+    config.distill.generator_freeze_images = 10**6
+    before, after = _one_step(config)
+    same = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), before.generator, after.generator)
+    assert all(jax.tree.leaves(same))
+    moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), before.fake_score, after.fake_score)
+    assert any(jax.tree.leaves(moved)), "the critics must train while the generator waits"
+
+
+def test_gan_warmup_is_reverse_kl_without_gan(tiny_toy_teacher):
+    """Before `gan_warmup_images`, f-distill forward KL + GAN takes DMD's step without GAN."""
+    warm = _smoke_config("forward_kl", tiny_toy_teacher)
+    warm.distill.gan_warmup_images = 10**6
+    plain = _smoke_config("forward_kl", tiny_toy_teacher)
+    plain.distill.update(divergence="reverse_kl", gan_weight=0.0)
+    (_, a), (_, b) = _one_step(warm), _one_step(plain)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), a, b)
+    (_, c) = _one_step(_smoke_config("forward_kl", tiny_toy_teacher))
+    differs = jax.tree.map(lambda x, y: bool(jnp.any(x != y)), a.generator, c.generator)
+    assert any(jax.tree.leaves(differs)), "after the warm-up the step must differ"
+
+
+def test_sanitize_gradients_replaces_nonfinite_and_clips():
+    grads = {"w": jnp.array([jnp.nan, jnp.inf, -jnp.inf, 0.5, -3.0])}
+    out = one_step.sanitize_gradients(grads, 1.0)["w"]
+    np.testing.assert_array_equal(out, [0.0, 1.0, -1.0, 0.5, -1.0])
+    assert one_step.sanitize_gradients(grads, 0.0) is grads
+
+
 def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path):
     config = _smoke_config("jensen_shannon", str(tmp_path / "nope.msgpack"))
     with pytest.raises(FileNotFoundError, match="toy_teacher"):

@@ -60,6 +60,9 @@ def get_config(arg=None):
         d.critic_steps = 1
         # Uni-Instruct: lsg_gan 0.01 against lsg 100 on a sum-reduced score term
         d.gan_weight = 0.01 / 100 if table.METHODS[method].gan else 0.0
+        if method == "uni_instruct":  # fsim_training_loop.py: GAN after 200k images, etc.
+            d.update(gan_warmup_images=200_000, generator_freeze_images=100_000)
+            d.critic_grad_clip = 1.0
     else:
         for opt in (config.optim_generator, config.optim_fake_score, config.optim_discriminator):
             opt.update(dict(name="adamw", learning_rate=1e-4, b1=0.9, b2=0.999, weight_decay=0.01))

@@ -68,6 +68,9 @@ def get_config(arg=None):
         common.sid_ema(config, 2_000_000)
         d.critic_steps = 1
         d.gan_weight = 0.01 / 100 if table.METHODS[method].gan else 0.0  # lsg_gan / lsg
+        if method == "uni_instruct":  # fsim_training_loop.py: GAN after 200k images, etc.
+            d.update(gan_warmup_images=200_000, generator_freeze_images=100_000)
+            d.critic_grad_clip = 1.0
     else:
         for opt in opts:
             opt.update(dict(name="adamw", learning_rate=2e-6, b1=0.9, b2=0.999, weight_decay=0.01))

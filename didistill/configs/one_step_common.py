@@ -61,6 +61,12 @@ def distill_block(method, divergence, critic_steps, gan_weight, **overrides):
         gan_r1_alpha=0.1,
         ema_halflife_images=0.0,  # > 0: SiD's EMA (half-life in images) instead of ema_decay
         ema_rampup_ratio=0.0,  # SiD: 0.05
+        # Uni-Instruct's recipe (fsim_training_loop.py); 0 / 'none' = off elsewhere
+        di_term="none",  # 'derived': add our Diff-Instruct term (losses.uni_instruct_...)
+        gan_time_weight=spec.gan_time_weight,  # 'dmd': GAN term times mean(1/mean|x0 - D_phi|)
+        gan_warmup_images=0,  # before: reverse KL (h = 1) and no generator GAN term (UI: 200k)
+        generator_freeze_images=0,  # before: the generator is not updated (UI: 100k)
+        critic_grad_clip=0.0,  # > 0: critic gradients nan_to_num'ed and clipped by value (UI: 1)
     )
     block.update(overrides)
     return ml_collections.ConfigDict(block)

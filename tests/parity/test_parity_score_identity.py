@@ -123,3 +123,44 @@ def test_sid_ema_rampup():
         got = ema_decay_at(step, batch, 0.0, halflife, 0.05)
         np.testing.assert_allclose(got, want, rtol=1e-5)
     assert ema_decay_at(5, batch, 0.999) == 0.999
+
+
+def _fsim_forward_kl_reference(y, y_real, y_fake, logit, lsg=100.0, lsg_gan=0.01):
+    """Uni_Instruct @3cdf92e8962e: fsim_loss.py 69-78 (SiD term at alpha 1 over wf, the GAN
+    term `BCE(clamp(logit), 1) / wf` with BCE's mean over the batch) and
+    fsim_training_loop.py 418-442 ('Forward-KL' without variance reduction: the GAN tensor
+    times D, `density_ratio = -g / (1 - g)`, both terms summed and scaled by ls / B).
+    Returns (SIM part, GAN part, density_ratio)."""
+    b, d = y.shape[0], np.prod(y.shape[1:])
+    wf = np.clip(np.abs(y - y_real).mean(axis=(1, 2, 3), keepdims=True), 1e-5, None)
+    loss = (y_real - y_fake) * (y_fake - y) / wf
+    bce = np.mean(np.logaddexp(0.0, -np.clip(logit, -10, 10)))  # BCEWithLogits(x, 1), mean
+    g = bce / wf * d  # [B, 1, 1, 1]
+    ratio = -g / (1 - g)
+    return (loss * ratio).sum() * lsg / b, g.sum() * lsg_gan / b, ratio.ravel()
+
+
+def test_uni_instruct_forward_kl_matches_reference_up_to_its_ratio():
+    """The reference's 'density ratio' (fsim_training_loop.py 431) is a function of the GAN
+    loss, `g / (g - 1)` with `g = BCE * D / wf` in the thousands on CIFAR-10 shapes: it is 1
+    within 1e-3, so the reference's forward-KL generator is SiD (alpha 1) plus the GAN term.
+    Ours at uniform weights (log r = 0) with `di_term='none'` and `gan_time_weight='dmd'`
+    equals it divided by lsg * D (mean instead of sum, no loss scale), GAN at lsg_gan / lsg."""
+    from didistill.divergences import get
+
+    shape = (6, 32, 32, 3)
+    y, y_real, y_fake = (RNG.normal(0, 0.5, shape) for _ in range(3))
+    y_fake = y_real + 0.1 * (y_fake - y_real)  # a fake score near the teacher
+    logit = RNG.normal(0, 1, (6,))
+    sim_ref, gan_ref, ratio = _fsim_forward_kl_reference(y, y_real, y_fake, logit)
+    np.testing.assert_allclose(ratio, 1.0, atol=1e-3)
+    d = np.prod(shape[1:])
+    args = [jnp.asarray(a) for a in (y, np.full(6, 1.0), y_real, y_fake)]
+    sim = L.uni_instruct_generator_loss(
+        *args, jnp.zeros(6), get("forward_kl"), alpha=1.0, di_term="none"
+    )
+    np.testing.assert_allclose(sim, sim_ref / (100 * d), rtol=2e-3)
+    gan = L.generator_gan_loss(jnp.asarray(logit)) * jnp.mean(
+        L.dmd_normalizer(jnp.asarray(y), jnp.asarray(y_real))
+    )
+    np.testing.assert_allclose(1e-4 * gan, gan_ref / (100 * d), rtol=1e-4)

@@ -139,20 +139,30 @@ def sid_generator_loss(x0, d_teacher, d_fake, alpha, time_weight="dmd"):
     return jnp.mean(per_sample * _time_weight(x0, d_teacher, time_weight))
 
 
-def uni_instruct_generator_loss(*args, **kwargs):
-    """Uni-Instruct: the `h`-weighted SiD term plus the Diff-Instruct term from `grad_x h(r)`.
+DI_TERMS = ("none", "derived")
 
-    Per sample (derivation in `docs/uni_instruct_derivation.md`), with `P_a` the SiD integrand
-    at alpha `a` and `n = 1 / sg(mean|x0 - D_phi|)`:
-        L = sg(w) P_alpha n + < sg(h'/mean(h) * P_{1/2} n * (D_phi - D_psi) / sigma^2), x0 >,
-    `w = h(r) / mean(h)`, `h' = dh / dlog r`. The Diff-Instruct multiplier is the integrand of
-    the exact objective, `P_{1/2}`, whatever the config's `alpha` (SiD's empirical alpha only
-    reweights the SIM term; at alpha 1.0 E[P] is about 0 and at 1.2 it flips sign).
-    Reverse KL (`h = 1`) is SiD. Mean over samples and dimensions (see the module docstring).
+
+def uni_instruct_generator_loss(*args, di_term="none", **kwargs):
+    """Uni-Instruct: the `h`-weighted SiD term, plus (optionally) the Diff-Instruct term.
+
+    Per sample, with `P_a` the SiD integrand at alpha `a`, `n = 1 / sg(mean|x0 - D_phi|)`,
+    `w = h(r) / mean(h)` and `h' = dh / dlog r`:
+        L = sg(w) P_alpha n                                              (di_term='none')
+          + < sg(h'/mean(h) * P_{1/2} n * (D_phi - D_psi) / sigma^2), x0 >  (di_term='derived')
+    `'none'` is what the reference code computes for its forward-KL, Jeffreys and
+    'Forward-Clean' divergences (a-little-hoof/Uni_Instruct `fsim_training_loop.py`: the SiD
+    loss times a per-sample weight, no Diff-Instruct term). `'derived'` adds the term our
+    derivation gives (`docs/uni_instruct_derivation.md`): the path derivative of `h(r_t(x_t))`,
+    with the exact integrand `P_{1/2}` as multiplier whatever the config's `alpha`. It is exact
+    with exact denoisers, but its `1 / sigma^2` amplifies the fake score's error at small sigma:
+    on the toy ring it diverged (docs/one_step_settings.md). Reverse KL (`h = 1`) is SiD either
+    way. Mean over samples and dimensions (see the module docstring).
     Arguments: those of `uni_instruct_terms`.
     """
+    if di_term not in DI_TERMS:
+        raise ValueError(f"config.distill.di_term={di_term!r} is not one of {DI_TERMS}")
     sim, di = uni_instruct_terms(*args, **kwargs)
-    return sim + di
+    return sim + di if di_term == "derived" else sim
 
 
 def uni_instruct_terms(
@@ -222,6 +232,7 @@ def r1_penalty(logit_real, logit_real_perturbed):
 
 
 __all__ = [
+    "DI_TERMS",
     "FAKE_SCORE_WEIGHTS",
     "bin_normalize_log_ratio",
     "discriminator_loss",

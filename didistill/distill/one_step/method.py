@@ -22,7 +22,12 @@ discriminator sees generator samples at the fake score's noise when that is 'sam
 the same `x_t`) and real samples at fresh noise from the generator's sampler. With
 `config.distill.gan_r1_weight > 0` the discriminator adds FastGen's approximate R1.
 `config.distill.ema_halflife_images > 0` replaces `config.ema_decay` by SiD's EMA:
-`0.5^(B / min(halflife, ema_rampup_ratio * images seen))`. Methods (`config.method`):
+`0.5^(B / min(halflife, ema_rampup_ratio * images seen))`. Uni-Instruct's schedule (its
+`fsim_training_loop.py`, images seen = step index x batch): the generator is not updated
+before `generator_freeze_images`, and before `gan_warmup_images` the method runs at reverse KL
+(`h = 1`: SiD for Uni-Instruct, DMD for f-distill) without the generator's GAN term;
+`critic_grad_clip > 0` replaces non-finite critic gradients and clips them by value.
+Methods (`config.method`):
 
 | method | generator loss | divergence | GAN |
 |---|---|---|---|
@@ -102,6 +107,9 @@ def validate(config) -> None:
         allowed = noise.SAMPLERS + (("same",) if key == "fake_score_noise" else ())
         if cfg[key] not in allowed:
             raise ValueError(f"config.distill.{key}={cfg[key]!r} is not one of {allowed}")
+    for key, allowed in (("di_term", losses.DI_TERMS), ("gan_time_weight", ("none", "dmd"))):
+        if cfg.get(key, "none") not in allowed:
+            raise ValueError(f"config.distill.{key}={cfg[key]!r} is not one of {allowed}")
     if cfg.fake_score_weight not in losses.FAKE_SCORE_WEIGHTS:
         raise ValueError(
             f"config.distill.fake_score_weight={cfg.fake_score_weight!r} is not one of "
@@ -118,6 +126,19 @@ def ema_decay_at(step_index, batch_size, decay, halflife_images=0.0, rampup_rati
     if rampup_ratio > 0:
         halflife = jnp.minimum(halflife, step_index * batch_size * rampup_ratio)
     return 0.5 ** (batch_size / jnp.maximum(halflife, 1e-8))
+
+
+def sanitize_gradients(grads, clip_value):
+    """Uni-Instruct's critic gradients (`fsim_training_loop.py`): NaN -> 0, +-inf -> +-1e5,
+    then clipped to [-clip_value, clip_value] elementwise; unchanged when `clip_value <= 0`."""
+    if clip_value <= 0:
+        return grads
+    return jax.tree.map(
+        lambda g: jnp.clip(
+            jnp.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5), -clip_value, clip_value
+        ),
+        grads,
+    )
 
 
 def build_parts(config) -> OneStepParts:
@@ -153,6 +174,14 @@ def make_method(config) -> Method:
     r1_weight, r1_alpha = float(cfg.get("gan_r1_weight", 0.0)), float(cfg.get("gan_r1_alpha", 0.1))
     ema_halflife = float(cfg.get("ema_halflife_images", 0.0))
     ema_rampup = float(cfg.get("ema_rampup_ratio", 0.0))
+    gan_warmup = int(cfg.get("gan_warmup_images", 0))
+    generator_freeze = int(cfg.get("generator_freeze_images", 0))
+    critic_clip = float(cfg.get("critic_grad_clip", 0.0))
+    gan_time_weight = cfg.get("gan_time_weight", "none")
+    reverse_kl = divergences.get("reverse_kl")
+
+    def sanitize(grads):
+        return sanitize_gradients(grads, critic_clip)
 
     def noised(key, x0, sampler=sample_sigma):  # -> xt, sigma, bins (f-distill's time bins)
         k_sigma, k_eps = jax.random.split(key)
@@ -197,7 +226,7 @@ def make_method(config) -> Method:
 
         f_loss, f_grads = jax.value_and_grad(fake_loss)(state.fake_score)
         fake_score, fake_opt = apply_gradients(
-            opt_f, state.fake_score, state.fake_score_opt, f_grads
+            opt_f, state.fake_score, state.fake_score_opt, sanitize(f_grads)
         )
         k_real, k_r1 = jax.random.split(k_real)
         real_t, real_sigma, _ = noised(k_real, real)
@@ -216,7 +245,7 @@ def make_method(config) -> Method:
 
         d_loss, d_grads = jax.value_and_grad(disc_loss)(state.discriminator)
         disc, disc_opt = apply_gradients(
-            opt_d, state.discriminator, state.discriminator_opt, d_grads
+            opt_d, state.discriminator, state.discriminator_opt, sanitize(d_grads)
         )
         state = state.replace(
             fake_score=fake_score,
@@ -226,7 +255,7 @@ def make_method(config) -> Method:
         )
         return state, {"fake_score_loss": f_loss, "discriminator_loss": d_loss}
 
-    def generator_loss(g_params, state, key):
+    def generator_loss(g_params, state, key, images_seen):
         k_gen, k_noise = jax.random.split(key)
         x0, cond = parts.generate(g_params, k_gen, parts.batch_size)
         x0 = shard_batch(x0)
@@ -248,7 +277,17 @@ def make_method(config) -> Method:
         main = spec.generator_loss(x0, sigma, d_teacher, d_fake, log_r, divergence, cfg)
         use_gan = cfg.gan_weight > 0 and logit is not None
         gan = losses.generator_gan_loss(logit) if use_gan else jnp.zeros(())
-        total = main + cfg.gan_weight * gan
+        if gan_time_weight == "dmd":
+            gan = gan * jnp.mean(losses.dmd_normalizer(x0, d_teacher))
+        gan_weight = cfg.gan_weight
+        if gan_warmup > 0:  # before the warm-up ends: reverse KL (h = 1), no GAN term
+            ratio_on = images_seen >= gan_warmup
+            plain = spec.generator_loss(
+                x0, sigma, d_teacher, d_fake, jnp.zeros_like(log_r), reverse_kl, cfg
+            )
+            main = jnp.where(ratio_on, main, plain)
+            gan_weight = jnp.where(ratio_on, gan_weight, 0.0)
+        total = main + gan_weight * gan
         # std of log r: 0 means every f-divergence's h(r) is the same and f-distill is DMD2.
         aux = {
             "generator_loss": main,
@@ -274,12 +313,20 @@ def make_method(config) -> Method:
                 state, m = critic_update(state, real[i], cond_i, critic_keys[i])
                 per_step.append(m)
             critic_metrics = jax.tree.map(lambda *v: jnp.stack(v), *per_step)
+        images_seen = step_index * parts.batch_size
         (_, (aux, ratio_bins)), grads = jax.value_and_grad(generator_loss, has_aux=True)(
-            state.generator, state, k_gen
+            state.generator, state, k_gen, images_seen
         )
         generator, generator_opt = apply_gradients(
             opt_g, state.generator, state.generator_opt, grads
         )
+        if generator_freeze > 0:  # Uni-Instruct: the generator waits for the critics
+            frozen = images_seen < generator_freeze
+            generator, generator_opt = jax.tree.map(
+                lambda old, new: jnp.where(frozen, old, new),
+                (state.generator, state.generator_opt),
+                (generator, generator_opt),
+            )
         state = state.replace(
             generator=generator,
             generator_opt=generator_opt,
@@ -301,4 +348,11 @@ def make_method(config) -> Method:
     )
 
 
-__all__ = ["OneStepState", "build_parts", "ema_decay_at", "make_method", "validate"]
+__all__ = [
+    "OneStepState",
+    "build_parts",
+    "ema_decay_at",
+    "make_method",
+    "sanitize_gradients",
+    "validate",
+]

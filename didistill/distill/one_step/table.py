@@ -15,6 +15,9 @@ A row says what distinguishes a method inside the shared engine (`one_step.metho
 - `recipe`: the published recipe family the configs start from: 'dmd' (FastGen / DMD2:
   generator input 80 z at sigma 80, AdamW) or 'sid' (SiD / Uni-Instruct / Diff-Instruct:
   2.5 z at sigma 2.5 (Diff-Instruct: 1.0), Adam with b1 = 0);
+- `gan_time_weight`: the default of `config.distill.gan_time_weight`: 'dmd' multiplies the
+  generator's GAN term by the batch mean of DMD's normaliser `1 / mean|x0 - D_phi|`, as
+  Uni-Instruct's code divides its GAN loss by the same per-sample factor;
 - `noise`, `fake_score_noise`, `fake_score_weight`: the config defaults of the generator's and
   the fake score's noise samplers (`one_step.noise`) and of the fake-score loss weighting
   (`losses.fake_score_loss`), as in each reference code: FastGen draws both from its Karras
@@ -45,6 +48,7 @@ class OneStepMethod(NamedTuple):
     noise: str = "karras_index"
     fake_score_noise: str = "same"
     fake_score_weight: str = "none"
+    gan_time_weight: str = "none"
 
     @property
     def uses_ratio(self) -> bool:
@@ -74,6 +78,7 @@ def _uni_instruct(x0, sigma, d_teacher, d_fake, log_r, divergence, cfg):
         cfg.alpha,
         cfg.normalize_weights,
         cfg.time_weight,
+        di_term=cfg.get("di_term", "none"),
     )
 
 
@@ -96,7 +101,9 @@ METHODS: dict[str, OneStepMethod] = {
     # SiD (Zhou et al. 2024): score identity, gradients through the networks' inputs
     "sid": OneStepMethod(_sid, "reverse_kl", gan=False, alpha=1.2, sigma_g=2.5, **_SID_NOISE),
     # Uni-Instruct (Wang et al. 2025): h-weighted SiD + Diff-Instruct term, any divergence, GAN
-    "uni_instruct": OneStepMethod(_uni_instruct, None, gan=True, sigma_g=2.5, **_SID_NOISE),
+    "uni_instruct": OneStepMethod(
+        _uni_instruct, None, gan=True, sigma_g=2.5, gan_time_weight="dmd", **_SID_NOISE
+    ),
 }
 
 
