@@ -64,12 +64,19 @@ def distill_block(method, divergence, critic_steps, gan_weight, **overrides):
         # Uni-Instruct's recipe (fsim_training_loop.py); 0 / 'none' = off elsewhere
         di_term="none",  # 'derived': add our Diff-Instruct term (losses.uni_instruct_...)
         gan_time_weight=spec.gan_time_weight,  # 'dmd': GAN term times mean(1/mean|x0 - D_phi|)
+        gan_recipe=spec.gan_recipe,  # 'fastgen' or 'sida' (one_step.table)
         gan_warmup_images=0,  # before: reverse KL (h = 1) and no generator GAN term (UI: 200k)
         generator_freeze_images=0,  # before: the generator is not updated (UI: 100k)
         critic_grad_clip=0.0,  # > 0: critic gradients nan_to_num'ed and clipped by value (UI: 1)
     )
     block.update(overrides)
     return ml_collections.ConfigDict(block)
+
+
+def discriminator_features(method):
+    """Whose encoder the discriminator head reads: the fake score's for SiDA's GAN recipe
+    (Uni-Instruct), else the frozen teacher's (f-distill, DMD2)."""
+    return "fake_score" if table.METHODS[method].gan_recipe == "sida" else "teacher"
 
 
 def fastgen_schedule(config, iterations, beta=0.9999, update_freq=5):
@@ -120,6 +127,7 @@ def image_distill_config(method, divergence, flags):
         # FastGen's per-resolution logit heads on teacher features (width 0: feature channels)
         dict(kind="fastgen", resolutions=(8, 4), width=0, num_layers=2)
     )
+    config.discriminator.features = discriminator_features(method)
     config.distill = distill_block(method, divergence, critic_steps=5, gan_weight=1e-3)
     optimizers(config, learning_rate=1e-4, b1=0.0, b2=0.99)
     config.ema_decay = 0.999

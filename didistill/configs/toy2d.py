@@ -31,6 +31,7 @@ def get_config(arg=None):
     config.discriminator = ml_collections.ConfigDict(
         dict(features="teacher", width=128, depth=2, head_width=128)
     )
+    config.discriminator.features = one_step_common.discriminator_features(method)
     config.distill = one_step_common.distill_block(
         method, divergence, critic_steps=3, gan_weight=1e-2
     )

@@ -8,8 +8,9 @@
   306 and 332, EMA ramp-up 346-349.
 - pkulwj1994/diff_instruct @0c37389fbfb1, training/di_loss.py 35-68 (lognormal noise for both
   networks, lambda-weighted fake-score loss).
-- a-little-hoof/Uni_Instruct @3cdf92e8962e, fsim_training/fsim_loss.py 30-41 (the SiD sampler)
-  and 82-131 (lambda-weighted fake-score loss at lognormal noise).
+- a-little-hoof/Uni_Instruct @3cdf92e8962e, fsim_training/fsim_loss.py 30-41 (the SiD sampler),
+  69-78 (generator SiD and GAN terms) and 82-131 (lambda-weighted fake-score and discriminator
+  losses at lognormal noise); fsim_training/fsim_training_loop.py 418-442 (forward KL).
 """
 
 import jax
@@ -164,3 +165,19 @@ def test_uni_instruct_forward_kl_matches_reference_up_to_its_ratio():
         L.dmd_normalizer(jnp.asarray(y), jnp.asarray(y_real))
     )
     np.testing.assert_allclose(1e-4 * gan, gan_ref / (100 * d), rtol=1e-4)
+
+
+def test_sida_discriminator_loss_matches_reference():
+    """fsim_loss.py 120-128: `weight * (BCE(logit_real, 1) + BCE(logit_fake, 0)) / 2` with
+    BCE's mean over the batch and EDM's lambda per sample; the loop (fsim_training_loop.py
+    379-381) sums over samples and divides by the batch (lsd = 1)."""
+    sigma = np.exp(RNG.normal(-1.2, 1.2, 7))
+    logit_real, logit_fake = RNG.normal(0, 2, 7), RNG.normal(0, 2, 7)
+    weight = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
+    bce_real = np.mean(np.logaddexp(0.0, -logit_real))
+    bce_fake = np.mean(np.logaddexp(0.0, logit_fake))
+    want = (weight * (bce_real + bce_fake) / 2).sum() / 7
+    got = L.sida_discriminator_loss(
+        jnp.asarray(logit_real), jnp.asarray(logit_fake), jnp.asarray(sigma), 0.5
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -13,7 +13,9 @@
   returned as `cond`; None for an unconditional teacher;
 - fake score: the same architecture, initialised from the teacher;
 - discriminator: heads on the *teacher's* encoder features at
-  `config.discriminator.resolutions` (only the heads train: f-distill / FastGen):
+  `config.discriminator.resolutions` (only the heads train: f-distill / FastGen), or with
+  `config.discriminator.features = 'fake_score'` on the *fake score's* encoder (SiDA /
+  Uni-Instruct: the discriminator loss also trains the shared encoder):
   `config.discriminator.kind = 'fastgen'` is FastGen's `Discriminator_EDM` (`LogitHeads`,
   logits [B, heads]), `'conv'` the earlier pooled `ConvHead`. Gradients
   still flow through the frozen teacher into the input image, for the generator's GAN loss;
@@ -96,8 +98,15 @@ def build(config) -> OneStepParts:
     def teacher_denoise(x, sigma, cond=None):
         return net.apply(teacher_vars, x, sigma, cond)
 
-    def disc_logit(params, x, sigma, cond=None):  # -> [B] or [B, heads]
-        _, feats = net.apply(teacher_vars, x, sigma, cond, features=True)  # {r: [B, r, r, C]}
+    features = disc_cfg.get("features", "teacher")
+    if features not in ("teacher", "fake_score"):
+        raise ValueError(
+            f"config.discriminator.features={features!r} is not 'teacher' or 'fake_score'"
+        )
+
+    def disc_logit(params, x, sigma, cond=None, fake_score=None):  # -> [B] or [B, heads]
+        trunk = fake_score if features == "fake_score" else teacher_vars  # SiDA: shared encoder
+        _, feats = net.apply(trunk, x, sigma, cond, features=True)  # {r: [B, r, r, C]}
         return head.apply(params, {r: feats[r] for r in disc_cfg.resolutions})
 
     def generate_from(params, z, labels):  # z [n, H, W, C], labels [n] or None -> x0

@@ -221,6 +221,15 @@ def discriminator_loss(logit_real, logit_fake):
     return jnp.mean(jax.nn.softplus(-logit_real)) + jnp.mean(jax.nn.softplus(logit_fake))
 
 
+def sida_discriminator_loss(logit_real, logit_fake, sigma, sigma_data):
+    """SiDA / Uni-Instruct's discriminator loss: the logistic loss times `mean(lambda) / 2`,
+    `lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2` at the batch's noise levels
+    `sigma` [B] (real and fake share sigma and noise). Uni_Instruct `fsim_loss.py` multiplies
+    the batch-mean BCE by the per-sample lambda and the loop averages over samples."""
+    lam = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2  # [B]
+    return 0.5 * jnp.mean(lam) * discriminator_loss(logit_real, logit_fake)
+
+
 def generator_gan_loss(logit_fake):
     """The generator's non-saturating GAN term `softplus(-logit)`, mean over every element."""
     return jnp.mean(jax.nn.softplus(-logit_fake))
@@ -244,6 +253,7 @@ __all__ = [
     "r1_penalty",
     "sid_generator_loss",
     "sid_integrand",
+    "sida_discriminator_loss",
     "uni_instruct_generator_loss",
     "uni_instruct_terms",
 ]

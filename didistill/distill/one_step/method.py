@@ -107,8 +107,13 @@ def validate(config) -> None:
         allowed = noise.SAMPLERS + (("same",) if key == "fake_score_noise" else ())
         if cfg[key] not in allowed:
             raise ValueError(f"config.distill.{key}={cfg[key]!r} is not one of {allowed}")
-    for key, allowed in (("di_term", losses.DI_TERMS), ("gan_time_weight", ("none", "dmd"))):
-        if cfg.get(key, "none") not in allowed:
+    choices = (
+        ("di_term", losses.DI_TERMS),
+        ("gan_time_weight", ("none", "dmd")),
+        ("gan_recipe", ("fastgen", "sida")),
+    )
+    for key, allowed in choices:  # the first choice is the default
+        if cfg.get(key, allowed[0]) not in allowed:
             raise ValueError(f"config.distill.{key}={cfg[key]!r} is not one of {allowed}")
     if cfg.fake_score_weight not in losses.FAKE_SCORE_WEIGHTS:
         raise ValueError(
@@ -178,6 +183,7 @@ def make_method(config) -> Method:
     generator_freeze = int(cfg.get("generator_freeze_images", 0))
     critic_clip = float(cfg.get("critic_grad_clip", 0.0))
     gan_time_weight = cfg.get("gan_time_weight", "none")
+    sida = cfg.get("gan_recipe", "fastgen") == "sida"
     reverse_kl = divergences.get("reverse_kl")
 
     def sanitize(grads):
@@ -224,26 +230,43 @@ def make_method(config) -> Method:
                 cfg.fake_score_weight,
             )
 
-        f_loss, f_grads = jax.value_and_grad(fake_loss)(state.fake_score)
-        fake_score, fake_opt = apply_gradients(
-            opt_f, state.fake_score, state.fake_score_opt, sanitize(f_grads)
-        )
         k_real, k_r1 = jax.random.split(k_real)
-        real_t, real_sigma, _ = noised(k_real, real)
-        fake_t, fake_sigma = (xt, sigma) if same_noise else noised(k_disc, x0)[:2]
+        if sida:  # real and fake at the fake score's sigma and noise (fsim_loss.py 85-101)
+            real_t, real_sigma = real + (xt - x0), sigma
+        else:
+            real_t, real_sigma, _ = noised(k_real, real)
+        fake_t, fake_sigma = (xt, sigma) if same_noise or sida else noised(k_disc, x0)[:2]
 
-        def disc_loss(params):
-            logit_real = parts.disc_logit(params, real_t, real_sigma, real_cond)
-            loss = losses.discriminator_loss(
-                logit_real, parts.disc_logit(params, fake_t, fake_sigma, cond)
-            )
+        def disc_loss(params, fake_params):
+            def logit(x, s, c):
+                return parts.disc_logit(params, x, s, c, fake_params)
+
+            logit_real = logit(real_t, real_sigma, real_cond)
+            logit_fake = logit(fake_t, fake_sigma, cond)
+            if sida:
+                loss = losses.sida_discriminator_loss(
+                    logit_real, logit_fake, sigma, parts.sigma_data
+                )
+            else:
+                loss = losses.discriminator_loss(logit_real, logit_fake)
             if r1_weight > 0:  # FastGen: clean real + alpha n, at the real sample's sigma
                 shifted = real + r1_alpha * jax.random.normal(k_r1, real.shape, real.dtype)
-                logit_shifted = parts.disc_logit(params, shifted, real_sigma, real_cond)
+                logit_shifted = logit(shifted, real_sigma, real_cond)
                 loss = loss + r1_weight * losses.r1_penalty(logit_real, logit_shifted)
             return loss
 
-        d_loss, d_grads = jax.value_and_grad(disc_loss)(state.discriminator)
+        def critic_loss(params):
+            # d_loss depends on the fake score's params only when the discriminator reads its
+            # encoder (config.discriminator.features = 'fake_score'); then both losses train it
+            f_loss, d_loss = fake_loss(params[0]), disc_loss(params[1], params[0])
+            return f_loss + d_loss, (f_loss, d_loss)
+
+        (_, (f_loss, d_loss)), (f_grads, d_grads) = jax.value_and_grad(critic_loss, has_aux=True)(
+            (state.fake_score, state.discriminator)
+        )
+        fake_score, fake_opt = apply_gradients(
+            opt_f, state.fake_score, state.fake_score_opt, sanitize(f_grads)
+        )
         disc, disc_opt = apply_gradients(
             opt_d, state.discriminator, state.discriminator_opt, sanitize(d_grads)
         )
@@ -267,7 +290,7 @@ def make_method(config) -> Method:
             log_r, logit = parts.exact_log_ratio(frozen, xt, sigma), None
         else:
             d_fake = parts.denoise(state.fake_score, xt, sigma, cond)
-            logit = parts.disc_logit(state.discriminator, xt, sigma, cond)  # differentiable in xt
+            logit = parts.disc_logit(state.discriminator, xt, sigma, cond, state.fake_score)
             log_r = losses.process_log_ratio(logit, cfg.ratio_lower, cfg.ratio_upper)
         ratio_bins = state.ratio_bins
         if cfg.bin_normalize and not exact:

@@ -18,7 +18,9 @@ class OneStepParts(NamedTuple):
     generate: Callable  # (generator params, key, n) -> (x0 [n, ...], cond [n] or None)
     denoise: Callable  # (params, x, sigma, cond) -> D(x; sigma) with the shared architecture
     teacher_denoise: Callable  # (x, sigma, cond) -> D_phi(x; sigma), frozen
-    disc_logit: Callable  # (params, x, sigma, cond) -> logit [B] estimating log p_t - log q_t
+    # (params, x, sigma, cond, fake_score params) -> logit [B] (or [B, heads]) estimating
+    # log p_t - log q_t; the fake score's params are used when it shares its encoder (SiDA)
+    disc_logit: Callable
     exact_student_denoiser: Callable | None  # (affine generator params, x, sigma) -> D_q
     exact_log_ratio: Callable | None  # (affine generator params, x, sigma) -> log p_t - log q_t
     batches: Callable  # start_step -> iterator of {'x': [B, critic_steps, ...], 'label'?: [B, k]}

@@ -18,6 +18,11 @@ A row says what distinguishes a method inside the shared engine (`one_step.metho
 - `gan_time_weight`: the default of `config.distill.gan_time_weight`: 'dmd' multiplies the
   generator's GAN term by the batch mean of DMD's normaliser `1 / mean|x0 - D_phi|`, as
   Uni-Instruct's code divides its GAN loss by the same per-sample factor;
+- `gan_recipe`: the default of `config.distill.gan_recipe` and of the discriminator's
+  features: 'fastgen' (a head on the frozen teacher's features, real samples at their own
+  noise, plain logistic loss) or 'sida' (SiDA / Uni-Instruct: the head reads the fake score's
+  encoder, which the discriminator loss trains too; real and fake at the same sigma and noise;
+  the loss scaled by the batch mean of EDM's lambda / 2);
 - `noise`, `fake_score_noise`, `fake_score_weight`: the config defaults of the generator's and
   the fake score's noise samplers (`one_step.noise`) and of the fake-score loss weighting
   (`losses.fake_score_loss`), as in each reference code: FastGen draws both from its Karras
@@ -49,6 +54,7 @@ class OneStepMethod(NamedTuple):
     fake_score_noise: str = "same"
     fake_score_weight: str = "none"
     gan_time_weight: str = "none"
+    gan_recipe: str = "fastgen"
 
     @property
     def uses_ratio(self) -> bool:
@@ -102,7 +108,13 @@ METHODS: dict[str, OneStepMethod] = {
     "sid": OneStepMethod(_sid, "reverse_kl", gan=False, alpha=1.2, sigma_g=2.5, **_SID_NOISE),
     # Uni-Instruct (Wang et al. 2025): h-weighted SiD + Diff-Instruct term, any divergence, GAN
     "uni_instruct": OneStepMethod(
-        _uni_instruct, None, gan=True, sigma_g=2.5, gan_time_weight="dmd", **_SID_NOISE
+        _uni_instruct,
+        None,
+        gan=True,
+        sigma_g=2.5,
+        gan_time_weight="dmd",
+        gan_recipe="sida",
+        **_SID_NOISE,
     ),
 }
 

@@ -87,11 +87,19 @@ def build(config) -> OneStepParts:
             return mixture.denoiser(x, sigma)
         return net.apply(teacher_params, x, sigma)
 
-    def disc_logit(params, x, sigma, cond=None):
-        if config.discriminator.features == "teacher":
-            _, feats = net.apply(teacher_params, x, sigma, features=True)
-        else:
+    features = config.discriminator.features
+    if features not in ("teacher", "own", "fake_score"):
+        raise ValueError(
+            f"config.discriminator.features={features!r} is not one of "
+            "('teacher', 'own', 'fake_score')"
+        )
+
+    def disc_logit(params, x, sigma, cond=None, fake_score=None):
+        if features == "own":
             _, feats = disc_trunk.apply(params["trunk"], x, sigma, features=True)
+        else:  # the frozen teacher's features, or the fake score's (SiDA: a shared encoder)
+            trunk = fake_score if features == "fake_score" else teacher_params
+            _, feats = net.apply(trunk, x, sigma, features=True)
         return head.apply(params["head"], feats)
 
     def generate(params, key, n):  # -> (x0 [n, D], cond None)
@@ -109,7 +117,7 @@ def build(config) -> OneStepParts:
             generator = teacher_params
         else:
             generator = net.init(k_g, x, s)
-        if config.discriminator.features == "teacher":  # f-distill: a head on teacher features
+        if features != "own":  # a head on the teacher's (f-distill) or fake score's features
             disc = {"head": head.init(k_h, jnp.zeros((1, net.width)))}
         else:  # a trainable trunk of its own
             disc = {"trunk": disc_trunk.init(k_d, x, s)}
