@@ -17,6 +17,8 @@ def optimizer(
     weight_decay=0.0,
     warmup_steps=0,
     grad_clip_norm=0.0,
+    schedule="warmup_constant",
+    decay_steps=0,
 ):
     """One optimizer block, read by `didistill.train.optim.make_optimizer`."""
     return ml_collections.ConfigDict(
@@ -29,6 +31,8 @@ def optimizer(
             weight_decay=weight_decay,
             warmup_steps=warmup_steps,
             grad_clip_norm=grad_clip_norm,
+            schedule=schedule,
+            decay_steps=decay_steps,
         )
     )
 

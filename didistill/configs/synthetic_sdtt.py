@@ -35,7 +35,7 @@ def get_config(arg=None):
             rounds=3,  # student steps 32, 16, 8
             steps_per_round=500,  # optimizer steps per round
             target="sdtt",  # 'sdtt' | 'onehot' | 'step_marginal' (module docstring)
-            time_sampling="grid",  # 'grid' (the student's sampler grid) | 'uniform'
+            time_sampling="antithetic",  # SDTT's continuous times | 'grid' | 'uniform'
             teacher_from="student",  # next round's teacher: 'student' | 'ema' (as SDTT's EMA)
             reset_optimizer=False,  # re-initialise the optimizer at each new round
         )
