@@ -11,8 +11,13 @@ Needs, prepared offline (see didistill.data.text.TFDS_HOWTO and GPT2Tokenizer.fr
   array_record (MDLM holds out the last 100k documents as validation: build such a split and
   name it in config.data.heldout_split);
 - config.data.tokenizer_dir: GPT-2's vocab.json and merges.txt.
-Gen PPL needs a judge (GPT-2 Large in MDLM): set config.eval.judge to a
-"package.module:factory" returning judge(tokens) -> nll; without one gen_ppl is NaN.
+Gen PPL: GPT-2 Large as in MDLM (`didistill.eval.gen_ppl:gpt2_judge`, MDLM's retokenisation,
+batches of 8 and EOS weighting), from the files in config.eval.judge_dir (model.safetensors,
+config.json, vocab.json, merges.txt of openai-community/gpt2-large); without them gen_ppl is
+NaN and a warning says what to download. The published MDLM teacher converts with
+`python -m didistill.nets.convert_mdlm DIR/model.safetensors teacher_params.msgpack`.
+Memory (docs/scale.md): config.net.attention ('cudnn' on GPUs), config.net.remat and
+config.train.grad_accum_steps.
 MDLM trains in bf16 (config.net.dtype='bfloat16' here) with dropout 0.1.
 """
 
@@ -39,6 +44,9 @@ def get_config(arg=None):
     )
     config.ema_decay = 0.9999
     config.ema_warmup = False
-    config.eval.update(num_samples=64, batch_size=16, sample_steps=(1024,), heldout_batches=16)
+    config.eval.update(
+        num_samples=64, batch_size=16, sample_steps=(1024,), heldout_batches=16,
+        judge="didistill.eval.gen_ppl:gpt2_judge",
+    )  # fmt: skip
     config.train.update(num_steps=1_000_000, batch_size=512, log_every=100, checkpoint_every=10_000)
     return config

@@ -62,6 +62,8 @@ def get_config(arg=None):
             float64=False,  # Gumbel sampling in float64 (x64 mode inside evaluate)
             judge_smoothing=1e-4,
             judge="",  # real text: "package.module:factory" -> judge(tokens) -> nll
+            judge_dir="",  # the GPT-2 judge's files (didistill.eval.gen_ppl:gpt2_judge)
+            perplexity_batch_size=8,  # samples per judge batch (MDLM's)
             heldout_batches=4,
             num_t=4,
         )

@@ -97,11 +97,17 @@ def _data(config):
 
 
 def _external_judge(config):
+    """The judge of `config.eval.judge` ("package.module:factory"), or None (with a warning
+    saying what is missing when the factory cannot find its files: gen_ppl is then NaN)."""
     target = config.eval.get("judge", "")
     if not target:
         return None
     module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)(config)
+    try:
+        return getattr(importlib.import_module(module), attr)(config)
+    except FileNotFoundError as err:
+        logger.warning("no judge (gen_ppl is NaN): %s", err)
+        return None
 
 
 def make_method(config) -> Method:
