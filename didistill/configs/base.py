@@ -97,6 +97,7 @@ def get_config():
         dict(
             num_steps=1000,
             batch_size=256,  # global batch; must divide by the number of devices and hosts
+            grad_accum_steps=1,  # micro-batches per step (supervised teachers; docs/scale.md)
             log_every=50,  # a metrics.jsonl line = the mean over these steps
             checkpoint_every=500,  # 0: save only at the end and on preemption
             keep_checkpoints=3,  # the newest N are kept
