@@ -37,6 +37,28 @@ def optimizer(
     )
 
 
+def text_data(language: str, length: int = 64) -> ml_collections.ConfigDict:
+    """The `config.data` block of the text methods (MDLM teacher, DiDi-Instruct, step halving):
+    a synthetic language, or real text with kind='tfds' (didistill.distill.teachers.mdlm
+    `data_streams`, docs/text_scale.md)."""
+    return ml_collections.ConfigDict(
+        dict(
+            kind="synthetic",  # 'synthetic' | 'tfds'
+            language=language,
+            length=length,
+            # real text only (kind='tfds'); see configs/owt_mdlm.py
+            tfds_name="",
+            tfds_data_dir="",
+            tfds_split="train",
+            heldout_split="validation",
+            text_key="text",
+            tokenizer="bytes",
+            tokenizer_dir="",
+            framing="none",  # 'mdlm': BOS + L - 2 tokens + EOS per row (MDLM wrap)
+        )
+    )
+
+
 def parse_arg(arg, config_name: str, slots=None, flags=(), defaults=None, usage=""):
     """The one parser of `--config=FILE.py:ARG` arguments: ARG is comma-separated tokens in any
     order, each either a value of one named slot (e.g. a method, a divergence, a language) or

@@ -35,6 +35,7 @@ def get_config(arg=None):
         tfds_split="train[:-100000]",
         heldout_split="train[-100000:]",
         tokenizer="gpt2",
+        framing="mdlm",  # MDLM's wrap: BOS + 1022 tokens + EOS per row
     )
     config.net.update(
         width=768, depth=12, num_heads=12, dropout=0.1, cond_dim=128, dtype="bfloat16"

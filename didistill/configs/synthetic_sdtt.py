@@ -24,7 +24,7 @@ def get_config(arg=None):
     config = base.get_config()
     config.method = "step_halving"
     config.teacher = ml_collections.ConfigDict(dict(checkpoint=""))  # teacher_params.msgpack
-    config.data = ml_collections.ConfigDict(dict(kind="synthetic", language=name, length=64))
+    config.data = base.text_data(name, 64)  # kind='tfds' for real text (docs/text_scale.md)
     config.distill = ml_collections.ConfigDict(
         dict(
             divergence="reverse_kl",  # SDTT's default 'kl-bwd' = KL(student || target)
@@ -45,7 +45,12 @@ def get_config(arg=None):
     )
     config.ema_decay = 0.995
     config.eval = ml_collections.ConfigDict(
-        dict(num_samples=512, batch_size=256, sample_steps=(8, 16, 32), judge_smoothing=1e-4)
+        dict(
+            num_samples=512, batch_size=256, sample_steps=(8, 16, 32), judge_smoothing=1e-4,
+            judge="",  # real text: "didistill.eval.gen_ppl:gpt2_judge" (or another factory)
+            judge_dir="",  # the GPT-2 judge's files
+            perplexity_batch_size=8,
+        )
     )
     config.train.num_steps = 1500  # rounds * steps_per_round
     config.train.batch_size = 64
