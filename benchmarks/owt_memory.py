@@ -87,12 +87,16 @@ def main() -> None:
             micro = per_device // k
             temp = intercept + slope * micro + (params_bytes if k > 1 else 0)
             rows.append((name, k, micro, temp, state_bytes, state_bytes / args.devices))
-    print(f"\n| variant | grad accum k | rows per device per micro-step | temporaries GiB | "
-          f"per device, replicated state GiB | per device, FSDP x{args.devices} GiB |")
+    print(
+        f"\n| variant | grad accum k | rows per device per micro-step | temporaries GiB | "
+        f"per device, replicated state GiB | per device, FSDP x{args.devices} GiB |"
+    )
     print("|---|---|---|---|---|---|")
     for name, k, micro, temp, state_b, fsdp_b in rows:
-        print(f"| {name} | {k} | {micro} | {gib(temp)} | {gib(temp + state_b)} | "
-              f"{gib(temp + fsdp_b)} |")
+        print(
+            f"| {name} | {k} | {micro} | {gib(temp)} | {gib(temp + state_b)} | "
+            f"{gib(temp + fsdp_b)} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(records=records, jax=jax.__version__), f, indent=1)

@@ -61,7 +61,9 @@ def hf_gpt2_logits(sd, ids, mask):
         p = lambda k, i=i: sd[f"h.{i}.{k}"]
         h = _ln(x, p("ln_1.weight"), p("ln_1.bias"))
         qkv = h @ p("attn.c_attn.weight") + p("attn.c_attn.bias")
-        q, k, v = (t.reshape(batch, length, H, d).transpose(0, 2, 1, 3) for t in np.split(qkv, 3, -1))
+        q, k, v = (
+            t.reshape(batch, length, H, d).transpose(0, 2, 1, 3) for t in np.split(qkv, 3, -1)
+        )
         scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(d)
         with np.errstate(over="ignore"):  # finfo.min + finfo.min = -inf, as in torch
             scores = np.where(causal, scores, np.finfo(np.float64).min) + additive
@@ -110,9 +112,16 @@ def _mdlm_gen_ppl(tokens, tokenizer, sd, max_length, context, batch_size):
     total, weight = 0.0, 0.0
     for i in range(len(ids) // b):
         for lo in range(0, ids.shape[1], context):
-            chunk, m = ids[i * b : (i + 1) * b, lo : lo + context], mask[i * b : (i + 1) * b, lo : lo + context]
+            chunk, m = (
+                ids[i * b : (i + 1) * b, lo : lo + context],
+                mask[i * b : (i + 1) * b, lo : lo + context],
+            )
             logits = hf_gpt2_logits(sd, chunk, m)[:, :-1]
-            logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+            logp = (
+                logits
+                - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+                - logits.max(-1, keepdims=True)
+            )
             nll = -np.take_along_axis(logp, chunk[:, 1:, None], -1)[..., 0]
             first_eos = np.cumsum(chunk == 256, -1) == 1
             valid = first_eos[:, 1:] | (chunk != 256)[:, 1:]  # torch bool '+' is 'or'
@@ -135,7 +144,9 @@ def test_generative_perplexity_follows_mdlm(judge_dir):
     ref = _mdlm_gen_ppl(tokens, tok, _hf_state(), 18, 8, 3)
     np.testing.assert_allclose(ours, ref, rtol=1e-4)
     report = text_eval.sample_report(tokens, judge, nfe=16)
-    assert report["nfe"] == 16 and report["entropy"] == pytest.approx(text_eval.unigram_entropy(tokens))
+    assert report["nfe"] == 16 and report["entropy"] == pytest.approx(
+        text_eval.unigram_entropy(tokens)
+    )
 
 
 def test_retokenize_reads_endoftext_as_eos_and_pads_with_it(judge_dir):

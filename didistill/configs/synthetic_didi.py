@@ -68,7 +68,10 @@ def get_config(arg=None):
     config.ema_decay = 0.999
     config.eval = ml_collections.ConfigDict(
         dict(
-            num_samples=512, batch_size=256, sample_steps=(8, 16, 32), judge_smoothing=1e-4,
+            num_samples=512,
+            batch_size=256,
+            sample_steps=(8, 16, 32),
+            judge_smoothing=1e-4,
             judge="",  # real text: "didistill.eval.gen_ppl:gpt2_judge" (or another factory)
             judge_dir="",  # the GPT-2 judge's files
             perplexity_batch_size=8,
@@ -107,9 +110,7 @@ def get_config(arg=None):
         config.data.length = 32
         # Kept as measured (README): teacher samples as the real side, constant learning rates.
         config.distill.update(real="teacher", teacher_sample_steps=32, critic_steps=2)
-        config.optim_student.update(
-            learning_rate=1e-4, warmup_steps=20, schedule="warmup_constant"
-        )
+        config.optim_student.update(learning_rate=1e-4, warmup_steps=20, schedule="warmup_constant")
         config.optim_discriminator.update(
             learning_rate=1e-3, warmup_steps=0, schedule="warmup_constant"
         )

@@ -46,7 +46,10 @@ def get_config(arg=None):
     config.ema_decay = 0.995
     config.eval = ml_collections.ConfigDict(
         dict(
-            num_samples=512, batch_size=256, sample_steps=(8, 16, 32), judge_smoothing=1e-4,
+            num_samples=512,
+            batch_size=256,
+            sample_steps=(8, 16, 32),
+            judge_smoothing=1e-4,
             judge="",  # real text: "didistill.eval.gen_ppl:gpt2_judge" (or another factory)
             judge_dir="",  # the GPT-2 judge's files
             perplexity_batch_size=8,

@@ -95,7 +95,10 @@ class GPT2Judge:
         for start in range(0, (n // b) * b, b):
             rows = slice(start, start + b)
             for lo in range(0, ids.shape[1], self.context):
-                chunk, chunk_mask = ids[rows, lo : lo + self.context], mask[rows, lo : lo + self.context]
+                chunk, chunk_mask = (
+                    ids[rows, lo : lo + self.context],
+                    mask[rows, lo : lo + self.context],
+                )
                 if chunk.shape[1] < 2:
                     continue
                 per_token = np.asarray(self._nll(self.variables, chunk, chunk_mask), np.float64)

@@ -165,8 +165,10 @@ def step_times(key, n: int, round_index, teacher_steps: int, time_sampling: str 
         t = antithetic_times(key, n)
     else:
         u = jax.random.uniform(key, (n,))
-        t = 1.0 - jnp.floor(u * student_steps) / student_steps if time_sampling == "grid" else (
-            h + (1.0 - h) * u
+        t = (
+            1.0 - jnp.floor(u * student_steps) / student_steps
+            if time_sampling == "grid"
+            else (h + (1.0 - h) * u)
         )
     return t, t - 0.5 * h, jnp.maximum(t - h, 0.0)
 

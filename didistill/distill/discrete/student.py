@@ -105,7 +105,9 @@ class TextStudent:
         else:
             judge = external_judge(self.config)
             stream = self.heldout_stream(ecfg.batch_size)
-            chunks = [next(stream)["tokens"] for _ in range(-(-ecfg.num_samples // ecfg.batch_size))]
+            chunks = [
+                next(stream)["tokens"] for _ in range(-(-ecfg.num_samples // ecfg.batch_size))
+            ]
             data = np.concatenate(chunks)[: ecfg.num_samples]
         results = {f"data/{k}": v for k, v in text_eval.sample_report(data, judge, 0, lang).items()}
         models = {"student": student_params, "teacher": self.teacher_params}

@@ -96,9 +96,7 @@ def data_streams(config):
 
         def heldout(n):
             src = source(d.heldout_split)
-            return text.text_batches(
-                src, tok, config.seed, n, d.length, 0, 0, d.text_key, framing
-            )
+            return text.text_batches(src, tok, config.seed, n, d.length, 0, 0, d.text_key, framing)
 
         return tok.vocab_size, None, train, heldout
     raise ValueError(f"config.data.kind={d.kind!r} must be 'synthetic' or 'tfds'")
