@@ -1,6 +1,6 @@
 """Per-device memory of the OpenWebText MDLM teacher's training step (docs/scale.md).
 
-    python benchmarks/owt_memory.py [--batches=1,2] [--variants=plain,remat] [--json=out.json]
+    PYTHONPATH=. python benchmarks/owt_memory.py [--batches=1,2] [--variants=plain] [--json=F]
 
 Computed, not measured on an accelerator: the real `owt_mdlm` step (`get_method(config).step`,
 the GPT-2 tokenizer replaced by its vocabulary size as in `benchmarks/memory_table.py`) is
@@ -34,11 +34,13 @@ GPT2_VOCAB = 50_257
 VARIANTS = {"plain": dict(attention="xla", remat=False), "remat": dict(attention="xla", remat=True)}
 
 
-def compile_step(per_device_batch: int, **net):
-    """(state bytes, memory_analysis dict, compile seconds) of the owt_mdlm step."""
+def compile_step(per_device_batch: int, accum: int = 1, **net):
+    """(state bytes, params bytes, memory_analysis dict, compile seconds) of the owt_mdlm step
+    at `per_device_batch` rows on one device, in `accum` micro-batches."""
     config = owt_mdlm.get_config()
     config.net.update(**net)
     config.train.batch_size = per_device_batch
+    config.train.grad_accum_steps = accum
     tokenizer = mock.Mock(vocab_size=GPT2_VOCAB)
     with mock.patch("didistill.data.text.get_tokenizer", return_value=tokenizer):
         method = get_method(config)
@@ -65,10 +67,17 @@ def gib(n: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,2")
-    parser.add_argument("--variants", default="plain,remat")
+    parser.add_argument("--variants", default="plain")
     parser.add_argument("--global_batch", type=int, default=512)
     parser.add_argument("--devices", type=int, default=8)
     parser.add_argument("--json", default="")
+    parser.add_argument(
+        "--check_accum",
+        type=int,
+        default=2,
+        help="also compile b = 2k in k "
+        "micro-batches of 2 (0: skip), to check the accumulation estimate",
+    )
     args = parser.parse_args()
     sizes = [int(b) for b in args.batches.split(",")]
     per_device = args.global_batch // args.devices
@@ -87,6 +96,14 @@ def main() -> None:
             micro = per_device // k
             temp = intercept + slope * micro + (params_bytes if k > 1 else 0)
             rows.append((name, k, micro, temp, state_bytes, state_bytes / args.devices))
+    if args.check_accum > 1:  # the estimate's accumulation term, compiled once
+        k = args.check_accum
+        _, params_bytes, analysis, seconds = compile_step(2 * k, k, **VARIANTS["plain"])
+        records.append(dict(variant="plain", per_device_batch=2 * k, accum=k, compile_s=seconds,
+                            **analysis))  # fmt: skip
+        print(f"plain b={2 * k} in {k} micro-batches of 2: temp "
+              f"{gib(analysis['temp_size_in_bytes'])} GiB (params f32 {gib(params_bytes)} GiB), "
+              f"compile {seconds:.0f} s", flush=True)  # fmt: skip
     print(
         f"\n| variant | grad accum k | rows per device per micro-step | temporaries GiB | "
         f"per device, replicated state GiB | per device, FSDP x{args.devices} GiB |"

@@ -49,5 +49,9 @@ def get_config(arg=None):
         num_samples=64, batch_size=16, sample_steps=(1024,), heldout_batches=16,
         judge="didistill.eval.gen_ppl:gpt2_judge",
     )  # fmt: skip
-    config.train.update(num_steps=1_000_000, batch_size=512, log_every=100, checkpoint_every=10_000)
+    # 4 micro-batches per step: about 39 GiB per device on 8 x 80 GB (computed, docs/scale.md)
+    config.train.update(
+        num_steps=1_000_000, batch_size=512, grad_accum_steps=4, log_every=100,
+        checkpoint_every=10_000,
+    )  # fmt: skip
     return config

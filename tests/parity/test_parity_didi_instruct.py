@@ -215,3 +215,25 @@ def test_sdtt_antithetic_times_match_sample_t():
     assert len(np.unique(np.round(np.asarray(t), 6))) > 200
     np.testing.assert_allclose(t - m, 1 / 8, atol=1e-6)
     np.testing.assert_allclose(s, np.maximum(np.asarray(t) - 1 / 4, 0.0), atol=1e-6)
+
+
+def test_spectral_norm_discriminator_trains_and_updates_its_power_iteration(tiny_text_teacher):
+    """The reference's head (spectral norm, no final norm) in a jitted DiDi-Instruct step: the
+    power-iteration vectors live in the state and move with the critic updates."""
+    from tests.teachers import LANGUAGE, LENGTH
+
+    config = synthetic_didi.get_config(f"{LANGUAGE},smoke")
+    config.teacher.checkpoint = tiny_text_teacher
+    config.data.length = LENGTH
+    config.distill.update(disc_spectral_norm=True, disc_head_layernorm=False)
+    method = didi.make_method(config)
+    state0 = method.init(jax.random.key(0))
+    assert set(state0.discriminator_stats) == {"sn_hidden", "sn_out"}
+    assert "LayerNorm_0" not in state0.discriminator["head"]["params"]
+    state, metrics = jax.jit(method.step)(
+        state0, next(method.batches(0)), jax.random.key(1), jnp.int32(0)
+    )
+    assert all(np.isfinite(v) for v in jax.device_get(metrics).values())
+    u0 = state0.discriminator_stats["sn_hidden"]["hidden/kernel/u"]
+    u1 = state.discriminator_stats["sn_hidden"]["hidden/kernel/u"]
+    assert not np.allclose(u0, u1)
