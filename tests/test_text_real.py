@@ -84,3 +84,19 @@ def test_mdlm_framing_and_errors(byte_teacher):
     config.data.update(tokenizer="gpt2", tokenizer_dir="")
     with pytest.raises(FileNotFoundError, match="set config.data.tokenizer_dir"):
         didi.make_method(config)
+
+
+def test_owt_presets_are_valid():
+    from didistill.configs import owt_didi, owt_mdlm
+    from didistill.train.optim import make_optimizer
+
+    config = owt_didi.get_config()
+    didi.validate(config, depth=12)
+    for block in (config.optim_student, config.optim_discriminator):
+        make_optimizer(block, total_steps=config.train.num_steps)
+    assert (config.data.kind, config.data.length, config.data.framing) == ("tfds", 1024, "mdlm")
+    assert config.distill.disc_spectral_norm and not config.distill.disc_head_layernorm
+    assert config.eval.guided.enabled and config.eval.judge.endswith(":gpt2_judge")
+    teacher = owt_mdlm.get_config()
+    assert teacher.train.batch_size % teacher.train.grad_accum_steps == 0
+    assert teacher.data.framing == "mdlm"
