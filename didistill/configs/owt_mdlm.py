@@ -16,8 +16,8 @@ batches of 8 and EOS weighting), from the files in config.eval.judge_dir (model.
 config.json, vocab.json, merges.txt of openai-community/gpt2-large); without them gen_ppl is
 NaN and a warning says what to download. The published MDLM teacher converts with
 `python -m didistill.nets.convert_mdlm DIR/model.safetensors teacher_params.msgpack`.
-Memory (docs/scale.md): config.net.attention ('cudnn' on GPUs), config.net.remat and
-config.train.grad_accum_steps.
+Memory (docs/scale.md): config.net.attention ('auto': cuDNN flash attention on GPUs),
+config.net.remat and config.train.grad_accum_steps (4 here).
 MDLM trains in bf16 (config.net.dtype='bfloat16' here) with dropout 0.1.
 """
 
@@ -38,8 +38,10 @@ def get_config(arg=None):
         framing="mdlm",  # MDLM's wrap: BOS + 1022 tokens + EOS per row
     )
     config.net.update(
-        width=768, depth=12, num_heads=12, dropout=0.1, cond_dim=128, dtype="bfloat16"
-    )
+        width=768, depth=12, num_heads=12, dropout=0.1, cond_dim=128, dtype="bfloat16",
+        attention="auto",  # jax.nn.dot_product_attention: cuDNN flash on GPUs, XLA elsewhere
+        remat=False,
+    )  # fmt: skip
     config.optim = base.optimizer(
         name="adamw", learning_rate=3e-4, weight_decay=0.0, warmup_steps=2500, grad_clip_norm=1.0
     )

@@ -133,8 +133,12 @@ def convert(
     max_length: int | None = None,
     time_conditioning: bool | None = None,
     dropout: float = 0.0,
+    attention: str = "auto",
+    remat: bool = False,
 ) -> str:
-    """Converts the MDLM checkpoint `src` into the teacher file `dst`; returns dst."""
+    """Converts the MDLM checkpoint `src` into the teacher file `dst`; returns dst. The
+    network config records `attention` ('auto': `jax.nn.dot_product_attention`, the fused
+    kernel where available) and `remat`, which the students built from the file inherit."""
     hub = {}
     config_path = os.path.join(os.path.dirname(os.path.abspath(src)), "config.json")
     if os.path.exists(config_path):
@@ -145,7 +149,10 @@ def convert(
     if time_conditioning is None:
         time_conditioning = bool(hub.get("time_conditioning", False))
     params, net_cfg = mdlm_to_params(read_checkpoint(src), num_heads)
-    net_cfg.update(max_length=max_length, time_conditioning=time_conditioning, dropout=dropout)
+    net_cfg.update(
+        max_length=max_length, time_conditioning=time_conditioning, dropout=dropout,
+        attention=attention, remat=remat,
+    )  # fmt: skip
     return save_model(
         dst, params, net_cfg, "dit",
         diffusion=dict(schedule="loglinear", eps=1e-3), source=os.path.abspath(src),
@@ -159,9 +166,14 @@ def main(argv=None) -> int:
     parser.add_argument("--num_heads", type=int, default=None)
     parser.add_argument("--max_length", type=int, default=None)
     parser.add_argument("--time_conditioning", action="store_true", default=None)
+    parser.add_argument("--attention", default="auto", help="einsum | xla | cudnn | auto")
+    parser.add_argument("--remat", action="store_true")
     args = parser.parse_args(argv)
     try:
-        path = convert(args.src, args.dst, args.num_heads, args.max_length, args.time_conditioning)
+        path = convert(
+            args.src, args.dst, args.num_heads, args.max_length, args.time_conditioning,
+            attention=args.attention, remat=args.remat,
+        )  # fmt: skip
     except (FileNotFoundError, ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -41,7 +41,8 @@ models/dit.py: `DDiTBlock` 214-289, `EmbeddingLayer` 292-299, `DDitFinalLayer` 3
 
 Memory: `attention` chooses the attention kernel: 'einsum' (explicit float32 softmax of the
 [B, H, L, L] scores), or `jax.nn.dot_product_attention` with implementation 'xla', 'cudnn'
-(the fused flash kernel on NVIDIA GPUs; bf16/fp16 inputs) or 'auto' (JAX picks). `remat`
+(the fused flash kernel on NVIDIA GPUs; bf16/fp16 inputs) or 'auto' (cuDNN on a GPU with
+bf16/fp16 activations, XLA otherwise; JAX's own default is always XLA). `remat`
 rematerialises each block in the backward pass (`flax.linen.remat`): activations of one
 block at a time instead of all of them.
 """
@@ -123,7 +124,10 @@ class DiTBlock(nn.Module):
             scores = jnp.einsum("blhd,bmhd->bhlm", q, k).astype(jnp.float32) / math.sqrt(head_dim)
             weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)  # [B, H, L, L]
             return jnp.einsum("bhlm,bmhd->blhd", weights, v)  # [B, L, H, d]
-        impl = None if self.attention == "auto" else self.attention
+        impl = self.attention
+        if impl == "auto":  # JAX's own None means XLA: pick cuDNN where it applies
+            fused = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            impl = "cudnn" if fused else "xla"
         return jax.nn.dot_product_attention(q, k, v, implementation=impl)
 
     @nn.compact
