@@ -5,7 +5,7 @@ package. Sources:
 - haoyangzheng-ai/didi-instruct @ 7825a02 (the published evaluation code): `algo.py`
   `reward_guided_ancestral_step` 305-369 (tilt, candidates, softmax choice), `generate_samples`
   371-427 (grid linspace(1, 1e-5, N + 1), ramp over the tilt steps, rerank_start_step =
-  int(N (1 - ratio)), final `_denoiser_update`); `configs/algo/didi_instruct.yaml` 41-45
+  int(N (1 - ratio)), final `_denoiser_update`); `configs/algo/didi_instruct.yaml` 39-42
   (guidance 30 -> 40, 4 candidates, ratio 0.5).
 - the authors' training-code release of `algo.py` (announced in the README on 2026-02-05; not
   in the mirrored 7825a02, where these methods are stubs; read in the public code index):
