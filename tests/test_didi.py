@@ -34,7 +34,7 @@ def _moved(a, b):
 @pytest.mark.parametrize(
     "distill",
     [
-        {},  # the full method: teacher samples as real, two-step trajectories, coupled time
+        {},  # the full method: corrupted data as real, two-step trajectories, coupled time
         dict(  # every ablation switch flipped
             real="data", score_decomposition=False, coupled_time=False, time_weight="none",
             importance_weight=True, logprob_mode="transition", disc_trainable_blocks=0,

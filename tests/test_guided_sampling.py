@@ -51,8 +51,13 @@ def linear_reward(tokens, t, is_masked):
 
 @functools.partial(jax.jit, static_argnums=(1, 2), static_argnames=("reward", "batch"))
 def _sample(key, num_steps, options, *, reward=count_reward, batch=64):
-    """guided_sample with hashable options ((name, value), ...)."""
-    kw = dict(dict(guidance_scale=0.0, tilt_until=0.5, best_of=1), **dict(options))
+    """guided_sample with hashable options ((name, value), ...); by default the grid down to 0
+    without a final denoising step and argmax re-ranking over masked positions."""
+    base = dict(
+        guidance_scale=0.0, tilt_until=0.5, best_of=1, final_eps=0.0, rerank_temperature=0.0,
+        rerank_positions="masked",
+    )  # fmt: skip
+    kw = dict(base, **dict(options))
     return guided_sample(
         student_fn, reward, key, batch, L, num_steps, MASK, SCHEDULE, kw.pop("guidance_scale"),
         kw.pop("tilt_until"), kw.pop("best_of"), **kw,

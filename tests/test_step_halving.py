@@ -227,7 +227,7 @@ def test_divergence_loss_zero_for_equal_arguments_and_onehot_check():
 
 def test_step_times_follow_the_student_grid():
     for k, n_student in [(0, 4), (1, 2), (2, 1)]:
-        t, m, s = sh.step_times(jax.random.key(k), 512, k, 8)
+        t, m, s = sh.step_times(jax.random.key(k), 512, k, 8, "grid")
         grid = np.asarray(masked.time_grid(n_student))[:-1]
         assert set(np.round(np.asarray(t), 6)) == set(np.round(grid, 6))
         np.testing.assert_allclose(t - s, 1 / n_student, atol=1e-6)

@@ -17,6 +17,8 @@ def optimizer(
     weight_decay=0.0,
     warmup_steps=0,
     grad_clip_norm=0.0,
+    schedule="warmup_constant",
+    decay_steps=0,
 ):
     """One optimizer block, read by `didistill.train.optim.make_optimizer`."""
     return ml_collections.ConfigDict(
@@ -29,6 +31,30 @@ def optimizer(
             weight_decay=weight_decay,
             warmup_steps=warmup_steps,
             grad_clip_norm=grad_clip_norm,
+            schedule=schedule,
+            decay_steps=decay_steps,
+        )
+    )
+
+
+def text_data(language: str, length: int = 64) -> ml_collections.ConfigDict:
+    """The `config.data` block of the text methods (MDLM teacher, DiDi-Instruct, step halving):
+    a synthetic language, or real text with kind='tfds' (didistill.distill.teachers.mdlm
+    `data_streams`, docs/text_scale.md)."""
+    return ml_collections.ConfigDict(
+        dict(
+            kind="synthetic",  # 'synthetic' | 'tfds'
+            language=language,
+            length=length,
+            # real text only (kind='tfds'); see configs/owt_mdlm.py
+            tfds_name="",
+            tfds_data_dir="",
+            tfds_split="train",
+            heldout_split="validation",
+            text_key="text",
+            tokenizer="bytes",
+            tokenizer_dir="",
+            framing="none",  # 'mdlm': BOS + L - 2 tokens + EOS per row (MDLM wrap)
         )
     )
 
@@ -93,6 +119,7 @@ def get_config():
         dict(
             num_steps=1000,
             batch_size=256,  # global batch; must divide by the number of devices and hosts
+            grad_accum_steps=1,  # micro-batches per step (supervised teachers; docs/scale.md)
             log_every=50,  # a metrics.jsonl line = the mean over these steps
             checkpoint_every=500,  # 0: save only at the end and on preemption
             keep_checkpoints=3,  # the newest N are kept

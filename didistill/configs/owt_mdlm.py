@@ -11,8 +11,13 @@ Needs, prepared offline (see didistill.data.text.TFDS_HOWTO and GPT2Tokenizer.fr
   array_record (MDLM holds out the last 100k documents as validation: build such a split and
   name it in config.data.heldout_split);
 - config.data.tokenizer_dir: GPT-2's vocab.json and merges.txt.
-Gen PPL needs a judge (GPT-2 Large in MDLM): set config.eval.judge to a
-"package.module:factory" returning judge(tokens) -> nll; without one gen_ppl is NaN.
+Gen PPL: GPT-2 Large as in MDLM (`didistill.eval.gen_ppl:gpt2_judge`, MDLM's retokenisation,
+batches of 8 and EOS weighting), from the files in config.eval.judge_dir (model.safetensors,
+config.json, vocab.json, merges.txt of openai-community/gpt2-large); without them gen_ppl is
+NaN and a warning says what to download. The published MDLM teacher converts with
+`python -m didistill.nets.convert_mdlm DIR/model.safetensors teacher_params.msgpack`.
+Memory (docs/scale.md): config.net.attention ('auto': cuDNN flash attention on GPUs),
+config.net.remat and config.train.grad_accum_steps (4 here).
 MDLM trains in bf16 (config.net.dtype='bfloat16' here) with dropout 0.1.
 """
 
@@ -30,15 +35,25 @@ def get_config(arg=None):
         tfds_split="train[:-100000]",
         heldout_split="train[-100000:]",
         tokenizer="gpt2",
+        framing="mdlm",  # MDLM's wrap: BOS + 1022 tokens + EOS per row
     )
     config.net.update(
-        width=768, depth=12, num_heads=12, dropout=0.1, cond_dim=128, dtype="bfloat16"
-    )
+        width=768, depth=12, num_heads=12, dropout=0.1, cond_dim=128, dtype="bfloat16",
+        attention="auto",  # jax.nn.dot_product_attention: cuDNN flash on GPUs, XLA elsewhere
+        remat=False,
+    )  # fmt: skip
     config.optim = base.optimizer(
         name="adamw", learning_rate=3e-4, weight_decay=0.0, warmup_steps=2500, grad_clip_norm=1.0
     )
     config.ema_decay = 0.9999
     config.ema_warmup = False
-    config.eval.update(num_samples=64, batch_size=16, sample_steps=(1024,), heldout_batches=16)
-    config.train.update(num_steps=1_000_000, batch_size=512, log_every=100, checkpoint_every=10_000)
+    config.eval.update(
+        num_samples=64, batch_size=16, sample_steps=(1024,), heldout_batches=16,
+        judge="didistill.eval.gen_ppl:gpt2_judge",
+    )  # fmt: skip
+    # 4 micro-batches per step: about 39 GiB per device on 8 x 80 GB (computed, docs/scale.md)
+    config.train.update(
+        num_steps=1_000_000, batch_size=512, grad_accum_steps=4, log_every=100,
+        checkpoint_every=10_000,
+    )  # fmt: skip
     return config

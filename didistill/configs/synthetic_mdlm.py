@@ -19,21 +19,7 @@ def get_config(arg=None):
     name, flags = base.language_arg(arg, "synthetic_mdlm", ("smoke", "cpu"))
     config = base.get_config()
     config.method = "mdlm_teacher"
-    config.data = ml_collections.ConfigDict(
-        dict(
-            kind="synthetic",  # 'synthetic' | 'tfds'
-            language=name,
-            length=64,
-            # real text only (kind='tfds'); see configs/owt_mdlm.py
-            tfds_name="",
-            tfds_data_dir="",
-            tfds_split="train",
-            heldout_split="validation",
-            text_key="text",
-            tokenizer="bytes",
-            tokenizer_dir="",
-        )
-    )
+    config.data = base.text_data(name, 64)
     config.net = ml_collections.ConfigDict(
         dict(
             width=128,
@@ -62,6 +48,8 @@ def get_config(arg=None):
             float64=False,  # Gumbel sampling in float64 (x64 mode inside evaluate)
             judge_smoothing=1e-4,
             judge="",  # real text: "package.module:factory" -> judge(tokens) -> nll
+            judge_dir="",  # the GPT-2 judge's files (didistill.eval.gen_ppl:gpt2_judge)
+            perplexity_batch_size=8,  # samples per judge batch (MDLM's)
             heldout_batches=4,
             num_t=4,
         )

@@ -24,7 +24,7 @@ def get_config(arg=None):
     config = base.get_config()
     config.method = "step_halving"
     config.teacher = ml_collections.ConfigDict(dict(checkpoint=""))  # teacher_params.msgpack
-    config.data = ml_collections.ConfigDict(dict(kind="synthetic", language=name, length=64))
+    config.data = base.text_data(name, 64)  # kind='tfds' for real text (docs/text_scale.md)
     config.distill = ml_collections.ConfigDict(
         dict(
             divergence="reverse_kl",  # SDTT's default 'kl-bwd' = KL(student || target)
@@ -35,7 +35,7 @@ def get_config(arg=None):
             rounds=3,  # student steps 32, 16, 8
             steps_per_round=500,  # optimizer steps per round
             target="sdtt",  # 'sdtt' | 'onehot' | 'step_marginal' (module docstring)
-            time_sampling="grid",  # 'grid' (the student's sampler grid) | 'uniform'
+            time_sampling="antithetic",  # SDTT's continuous times | 'grid' | 'uniform'
             teacher_from="student",  # next round's teacher: 'student' | 'ema' (as SDTT's EMA)
             reset_optimizer=False,  # re-initialise the optimizer at each new round
         )
@@ -45,7 +45,15 @@ def get_config(arg=None):
     )
     config.ema_decay = 0.995
     config.eval = ml_collections.ConfigDict(
-        dict(num_samples=512, batch_size=256, sample_steps=(8, 16, 32), judge_smoothing=1e-4)
+        dict(
+            num_samples=512,
+            batch_size=256,
+            sample_steps=(8, 16, 32),
+            judge_smoothing=1e-4,
+            judge="",  # real text: "didistill.eval.gen_ppl:gpt2_judge" (or another factory)
+            judge_dir="",  # the GPT-2 judge's files
+            perplexity_batch_size=8,
+        )
     )
     config.train.num_steps = 1500  # rounds * steps_per_round
     config.train.batch_size = 64

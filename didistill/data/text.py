@@ -455,25 +455,36 @@ def load_tfds_text(name: str, split: str, data_dir: str | None = None):
 
 def text_batches(
     source, tokenizer, seed: int, batch_size: int, length: int, start_step: int = 0,
-    shard: int = 0, text_key: str = "text",
+    shard: int = 0, text_key: str = "text", framing: str = "none",
 ) -> Iterator[dict[str, np.ndarray]]:  # fmt: skip
     """Endless {'tokens': int32 [batch_size, length]} from a random-access text source.
 
     Each row starts at a random document (rng = default_rng([seed, shard, step])) and joins
-    the following documents, each followed by EOS, until `length` tokens (then cut).
+    the following documents, each followed by EOS. framing='none': the first `length` tokens;
+    'mdlm' (MDLM's wrapped OpenWebText, kuleshov-group/mdlm @ c112c52 dataloader.py
+    `_group_texts` 277-300 and the wrap branch 422-429): BOS + the first length - 2 tokens + EOS
+    (BOS = EOS = `tokenizer.eos_id` for GPT-2, whose BOS and EOS are one token). MDLM cuts one
+    concatenation of the shuffled corpus into such blocks; here each block starts at a document
+    boundary of a random document.
     """
+    if framing not in ("none", "mdlm"):
+        raise ValueError(f"config.data.framing={framing!r} must be 'none' or 'mdlm'")
+    body = length - 2 if framing == "mdlm" else length
     step = start_step
     while True:
         rng = np.random.default_rng([seed, shard, step])
         rows = []
         for _ in range(batch_size):
             doc, ids = int(rng.integers(len(source))), []
-            while len(ids) < length:
+            while len(ids) < body:
                 record = source[doc % len(source)]
                 ids += tokenizer.encode(record[text_key] if isinstance(record, dict) else record)
                 ids.append(tokenizer.eos_id)
                 doc += 1
-            rows.append(ids[:length])
+            ids = ids[:body]
+            if framing == "mdlm":
+                ids = [tokenizer.eos_id, *ids, tokenizer.eos_id]
+            rows.append(ids)
         yield {"tokens": np.asarray(rows, np.int32)}
         step += 1
 

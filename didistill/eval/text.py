@@ -81,9 +81,14 @@ def invalid_rate(language, tokens) -> float:
     return float(np.mean(~np.isfinite(log_p)))
 
 
-def sample_report(tokens, judge: Judge, nfe, language=None) -> dict[str, float]:
+def sample_report(tokens, judge: Judge | None, nfe, language=None) -> dict[str, float]:
     """{'gen_ppl', 'entropy', 'nfe', 'nll_per_token'} of samples tokens [N, L] (and
-    'invalid_rate' when the exact `language` is given)."""
+    'invalid_rate' when the exact `language` is given); without a judge gen_ppl and
+    nll_per_token are NaN (entropy and NFE are still reported)."""
+    if judge is None:
+        nan = float("nan")
+        return {"gen_ppl": nan, "entropy": unigram_entropy(tokens), "nfe": int(nfe),
+                "nll_per_token": nan}  # fmt: skip
     nll, count = judge_nll(judge, tokens)
     report = {
         "gen_ppl": float(np.exp(nll.sum() / count.sum())),

@@ -9,14 +9,20 @@ Networks (all the teacher's `DiT` architecture):
 - the discriminator: a copy of the teacher whose last `disc_trainable_blocks` = K blocks are
   trainable, the rest frozen at the teacher's weights (only the K blocks and the head live in
   the state; the frozen part is the closed-over teacher params), plus a per-token head
-  LN -> Dense(D) -> SiLU -> Dense(1) on the last block's output. K = 0 is a head on the frozen
-  teacher's features. No spectral norm (the reference's head uses it; not done here).
+  [LN ->] Dense(D) -> SiLU -> Dense(1) on the last block's output. K = 0 is a head on the
+  frozen teacher's features. The reference's head (`DiscriminatorHead`, which replaces the
+  DiT's output layer, final norm included) is SN(Linear(D, D)) -> SiLU -> SN(Linear(D, 1)) with
+  torch's `spectral_norm` (one power iteration per training forward): `disc_spectral_norm=True,
+  disc_head_layernorm=False`. Here the power-iteration vector u lives in
+  `DiDiState.discriminator_stats` (flax `SpectralNorm`: one iteration from the stored u at
+  every call, stored only by the critic updates; the reward and the guided sampler read it).
 
 One engine step (one jitted function):
-1. `critic_steps` discriminator updates (`lax.scan`): "real" = teacher samples
-   (`teacher_sample_steps`-step ancestral sampler) or data (`distill.real`), "fake" = student
-   samples, both forward-corrupted at the same tau when `coupled_time`, BCE with label
-   smoothing on masked positions.
+1. `critic_steps` discriminator updates (`lax.scan`): "real" = data (`distill.real='data'`,
+   the reference's `x0_real = input_ids`) or teacher samples (`'teacher'`,
+   `teacher_sample_steps`-step ancestral sampler), "fake" = student samples, both
+   forward-corrupted at the same tau when `coupled_time`, BCE with label smoothing on masked
+   positions.
 2. One student update: a G-grouped batch of two-step trajectories m -> z_tau -> x
    (`score_decomposition`; one step m -> x otherwise), tau ~ Beta(a, b) clamped; reward =
    discriminator mean masked-token logit on x re-corrupted at tau (coupled) or at a fresh
@@ -24,21 +30,30 @@ One engine step (one jitted function):
    (`time_weight`), optionally / pi(t) (`importance_weight`); log-prob of the path
    (`logprob_mode`: 'revealed' = token values at revealed positions, the reference's
    `prev_is_mask`; 'transition' = the full step law; same gradient, since where tokens are
-   revealed does not depend on the student); KL(teacher || student) and entropy regularisers on
-   masked positions of both steps.
+   revealed does not depend on the student); KL(teacher || student) on the masked positions of
+   each step, summed over the steps with `kl_weight` each (the reference's kl_hi_coef = kl_lo_coef
+   = 0.01), and the entropy bonus averaged over the steps (its `(entropy_step1 +
+   entropy_step2) / 2`).
+
+Optimisers: `schedule='warmup_linear_decay'` (the default of `configs/synthetic_didi.py`) is the
+reference's `_get_lr`, applied to both optimisers (`train.optim.warmup_linear_decay`), T =
+train.num_steps.
 
 `evaluate`: exact-judge `sample_report` of the EMA student and of the teacher at each of
 `eval.sample_steps` (`student/steps{N}/...`, `teacher/steps{N}/...`), and of real data. With
 `eval.guided.enabled`, also the EMA student under the reward-guided ancestral sampler
 (`guided_sampling.guided_sample`, same keys as the plain student samples) with this
 discriminator, log r = sum (`eval.guided.aggregate='sum'`, the reference) or mean of its token
-logits over the masked positions of the scored state: `student_guided/steps{N}/...`, where
-`nfe` counts student calls and `nfe_discriminator`, `nfe_discriminator_backward`, `nfe_total`
-the rest.
+logits over the positions the sampler names (masked ones when tilting; all L when re-ranking,
+`eval.guided.rerank_positions='all'`): `student_guided/steps{N}/...`, where `nfe` counts
+student calls and `nfe_discriminator`, `nfe_discriminator_backward`, `nfe_total` the rest.
 
-Not done: the spectral-norm head, the reference's student LR decay. The teacher params are
-closed over (jit constants): fine for small teachers; a 169M teacher should be passed as a
-step input instead.
+Departures from the reference (its training release, `algo.py` `training_step`): one fresh
+student batch per critic update and another for the student update (the reference reuses one
+trajectory batch for both); the reward is the clipped logit (the reference's
+log(sigma(d) + 1e-6) - log(1 - sigma(d) + 1e-6), equal within the +-8 clip); no nan_to_num of
+gradients. The teacher params are closed over (jit constants): fine for small teachers; a 169M
+teacher should be passed as a step input instead.
 """
 
 from __future__ import annotations
@@ -64,15 +79,31 @@ TIME_WEIGHTS = ("none", "elbo")
 
 
 class TokenHead(nn.Module):
-    """Per-token discriminator head: hidden [B, L, D] -> logits [B, L]."""
+    """Per-token discriminator head: hidden [B, L, D] -> logits [B, L].
+
+    [LayerNorm ->] Dense(D) -> SiLU -> Dense(1); with `spectral_norm` each Dense kernel W is
+    divided by sigma = u^T W v from one power iteration (v = W^T u / |.|, u = W v / |.|, u, v
+    without gradient), u kept in the 'batch_stats' collection and stored when
+    `update_stats` (torch's `spectral_norm` in training mode; the reference's head)."""
 
     width: int
+    spectral_norm: bool = False
+    layer_norm: bool = True
 
     @nn.compact
-    def __call__(self, hidden):
-        h = nn.LayerNorm()(hidden.astype(jnp.float32))
-        h = nn.silu(nn.Dense(self.width)(h))
-        return nn.Dense(1)(h)[..., 0]
+    def __call__(self, hidden, update_stats: bool = False):
+        h = hidden.astype(jnp.float32)
+        if self.layer_norm:
+            h = nn.LayerNorm()(h)
+
+        def dense(features, name, x):
+            layer = nn.Dense(features, name=name)
+            if self.spectral_norm:
+                return nn.SpectralNorm(layer, name=f"sn_{name}")(x, update_stats=update_stats)
+            return layer(x)
+
+        h = nn.silu(dense(self.width, "hidden", h))
+        return dense(1, "out", h)[..., 0]
 
 
 class DiDiState(flax.struct.PyTreeNode):
@@ -81,6 +112,7 @@ class DiDiState(flax.struct.PyTreeNode):
     student_ema: Any
     discriminator: Any  # {'blocks': the K trainable blocks, 'head': TokenHead params}
     discriminator_opt: Any
+    discriminator_stats: Any  # the head's spectral-norm vectors ({} without spectral norm)
 
 
 def validate(config, depth: int) -> None:
@@ -141,32 +173,45 @@ class DiDiInstruct:
         net = self.scaffold.net
         k_blocks = self.d.disc_trainable_blocks
         self.block_names = [f"block{i}" for i in range(net.depth - k_blocks, net.depth)]
-        self.head = TokenHead(net.width)
-        self.opt_s = make_optimizer(config.optim_student)
-        self.opt_d = make_optimizer(config.optim_discriminator)
+        self.head = TokenHead(
+            net.width, bool(self.d.get("disc_spectral_norm", False)),
+            bool(self.d.get("disc_head_layernorm", True)),
+        )  # fmt: skip
+        steps = config.train.num_steps
+        self.opt_s = make_optimizer(config.optim_student, total_steps=steps)
+        self.opt_d = make_optimizer(config.optim_discriminator, total_steps=steps)
         self.teacher_fn = self.scaffold.logits_fn(self.scaffold.teacher_params)
         self.batch_size = config.train.batch_size
         self._guided = {}  # num_steps -> jitted guided sampler
 
-    def token_logits(self, disc, z, t, *, stop_frozen: bool = True):
-        """Discriminator logits [B, L] of tokens z [B, L] (or soft [B, L, V + 1]) at t [B].
+    def token_logits(self, disc, z, t, stats=None, *, stop_frozen: bool = True, update=False):
+        """Discriminator logits [B, L] of tokens z [B, L] (or soft [B, L, V + 1]) at t [B],
+        with the head's spectral-norm `stats`; with `update`, returns (logits, new stats).
         With K = 0 trainable blocks and `stop_frozen`, no gradient reaches the frozen trunk."""
         inner = dict(self.scaffold.teacher_params["params"], **disc["blocks"])
         _, hidden = self.scaffold.net.apply({"params": inner}, z, t, return_hidden=1)  # [1,B,L,D]
         if stop_frozen and self.d.disc_trainable_blocks == 0:
             hidden = jax.lax.stop_gradient(hidden)
-        return self.head.apply(disc["head"], hidden[0])
+        variables = dict(disc["head"], **({"batch_stats": stats} if stats else {}))
+        if update and stats:
+            logits, new = self.head.apply(
+                variables, hidden[0], update_stats=True, mutable=["batch_stats"]
+            )
+            return logits, new["batch_stats"]
+        logits = self.head.apply(variables, hidden[0])
+        return (logits, stats) if update else logits
 
     def init(self, key):
         teacher_params, length = self.scaffold.teacher_params, self.scaffold.length
         blocks = {n: teacher_params["params"][n] for n in self.block_names}
         zeros = jnp.zeros((1, length, self.scaffold.net.width), jnp.float32)
-        head_params = self.head.init(key, zeros)
-        disc = {"blocks": blocks, "head": head_params}
+        head_vars = dict(self.head.init(key, zeros))
+        stats = head_vars.pop("batch_stats", {})
+        disc = {"blocks": blocks, "head": head_vars}
         student_params = self.scaffold.teacher_copy()
         return DiDiState(
             student_params, self.opt_s.init(student_params), student_params, disc,
-            self.opt_d.init(disc),
+            self.opt_d.init(disc), stats,
         )  # fmt: skip
 
     def sample_tau(self, key, n):  # [n] in [tau_min, tau_max]
@@ -226,16 +271,22 @@ class DiDiInstruct:
         z_fake = masked.forward_mask(k_mf, fake, t, schedule, mask_id)
 
         def loss_fn(disc):
-            return losses.discriminator_loss(
-                self.token_logits(disc, z_real, t_real), self.token_logits(disc, z_fake, t),
-                z_real == mask_id, z_fake == mask_id, self.d.label_smoothing,
+            stats = state.discriminator_stats
+            real_logits, stats = self.token_logits(disc, z_real, t_real, stats, update=True)
+            fake_logits, stats = self.token_logits(disc, z_fake, t, stats, update=True)
+            loss = losses.discriminator_loss(
+                real_logits, fake_logits, z_real == mask_id, z_fake == mask_id,
+                self.d.label_smoothing,
             )  # fmt: skip
+            return loss, stats
 
-        loss, grads = jax.value_and_grad(loss_fn)(state.discriminator)
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.discriminator)
         disc, disc_opt = apply_gradients(
             self.opt_d, state.discriminator, state.discriminator_opt, grads
         )
-        state = state.replace(discriminator=disc, discriminator_opt=disc_opt)
+        state = state.replace(
+            discriminator=disc, discriminator_opt=disc_opt, discriminator_stats=stats
+        )
         return state, {"discriminator_loss": loss}
 
     def weight(self, t):
@@ -253,7 +304,8 @@ class DiDiInstruct:
         return weight
 
     def regularisers(self, steps):
-        """(KL(teacher || student), entropy) summed over the masked positions of every step."""
+        """(KL(teacher || student) summed over the steps, entropy averaged over the steps), each
+        step's term a mean over its masked positions (the reference's `_get_regularization`)."""
         d, mask_id = self.d, self.scaffold.mask_id
         kl, ent = jnp.zeros(()), jnp.zeros(())
         for z_step, t_step, logits in steps:
@@ -261,7 +313,7 @@ class DiDiInstruct:
                 teacher_logits = jax.lax.stop_gradient(self.teacher_fn(z_step, t_step))
                 kl = kl + losses.kl_to_teacher(logits, teacher_logits, z_step == mask_id)
             if d.entropy_weight > 0:
-                ent = ent + losses.entropy(logits, z_step == mask_id)
+                ent = ent + losses.entropy(logits, z_step == mask_id) / len(steps)
         return kl, ent
 
     def student_objective(self, params, state, key):
@@ -271,7 +323,7 @@ class DiDiInstruct:
         x, log_q, steps = self.trajectory(params, k_traj, tau)
         t = self.corrupt_times(k_t, tau)
         z = masked.forward_mask(k_mask, x, t, schedule, mask_id)
-        token_logits = self.token_logits(state.discriminator, z, t)
+        token_logits = self.token_logits(state.discriminator, z, t, state.discriminator_stats)
         reward = jax.lax.stop_gradient(
             losses.sequence_reward(token_logits, z == mask_id, d.reward_clip)
         )  # [B], estimates log q_teacher / q_student
@@ -317,17 +369,17 @@ class DiDiInstruct:
         metrics.update({k: jnp.mean(v) for k, v in critic_metrics.items()})
         return state, metrics
 
-    def log_ratio(self, disc, tokens, t, is_masked):
+    def log_ratio(self, disc, stats, tokens, t, is_masked):
         """log r [B]: the sum (`eval.guided.aggregate='sum'`) or mean of the discriminator's
-        token logits over masked positions; tokens int [B, L] or soft [B, L, V + 1]. No
-        stop-gradient on the frozen trunk: the tilt needs d log r / d tokens."""
-        token_logits = self.token_logits(disc, tokens, t, stop_frozen=False)  # [B, L]
+        token logits over the positions `is_masked` [B, L]; tokens int [B, L] or soft
+        [B, L, V + 1]. No stop-gradient on the frozen trunk: the tilt needs d log r / d tokens."""
+        token_logits = self.token_logits(disc, tokens, t, stats, stop_frozen=False)  # [B, L]
         total = jnp.sum(jnp.where(is_masked, token_logits, 0.0), axis=-1)
         if self.config.eval.guided.aggregate == "sum":
             return total
         return total / jnp.maximum(jnp.sum(is_masked, axis=-1), 1)
 
-    def sample_guided(self, params, disc, key, num_steps):
+    def sample_guided(self, params, disc, key, num_steps, stats=None):
         """RGAS samples [num_samples, L] of `params` steered by `disc`, and the NFE dict."""
         ecfg, scaffold = self.config.eval, self.scaffold
         g = ecfg.guided
@@ -335,20 +387,21 @@ class DiDiInstruct:
             raise ValueError(f"config.eval.guided.aggregate={g.aggregate!r}: 'sum' or 'mean'")
         if num_steps not in self._guided:
 
-            def run(p, dsc, k, x):
+            def run(p, dsc, sts, k, x):
                 return guided_sampling.guided_sample(
-                    scaffold.logits_fn(p), lambda z, t, m: self.log_ratio(dsc, z, t, m), k,
+                    scaffold.logits_fn(p), lambda z, t, m: self.log_ratio(dsc, sts, z, t, m), k,
                     x.shape[0], scaffold.length, num_steps, scaffold.mask_id, scaffold.schedule,
                     g.guidance_scale, g.tilt_until, g.best_of,
                     guidance_scale_end=g.guidance_scale_end, grad_clip=g.grad_clip,
                     tilt_input=g.tilt_input, rerank_temperature=g.rerank_temperature,
-                    cache=scaffold.cache, x_init=x,
+                    rerank_positions=g.get("rerank_positions", "all"),
+                    final_eps=g.get("final_eps", 1e-5), cache=scaffold.cache, x_init=x,
                 )  # fmt: skip
 
             self._guided[num_steps] = jax.jit(run)
         fn = self._guided[num_steps]
         return text_eval.sample_in_chunks(
-            lambda k, x: fn(params, disc, k, x),
+            lambda k, x: fn(params, disc, stats or {}, k, x),
             key, ecfg.num_samples, ecfg.batch_size, scaffold.length, scaffold.mask_id,
         )  # fmt: skip
 
@@ -356,9 +409,10 @@ class DiDiInstruct:
         """`student_guided/steps{N}/...` at every eval.sample_steps, with the plain student's
         keys (paired comparison)."""
         disc, results = jax.device_get(state.discriminator), {}
+        stats = jax.device_get(state.discriminator_stats)
         for num_steps in self.config.eval.sample_steps:
             tokens, nfe = self.sample_guided(
-                student_params, disc, jax.random.fold_in(key, num_steps), num_steps
+                student_params, disc, jax.random.fold_in(key, num_steps), num_steps, stats
             )
             report = text_eval.sample_report(tokens, judge, nfe["student"], self.scaffold.lang)
             report.update({f"nfe_{k}": v for k, v in nfe.items() if k != "student"})

@@ -37,13 +37,17 @@ import jax
 import jax.numpy as jnp
 
 
-def grouped_normalize(rewards: jax.Array, group_size: int, clip: float = 0.0, eps: float = 1e-8):
+def grouped_normalize(
+    rewards: jax.Array, group_size: int, clip: float = 0.0, eps: float = 1e-8, ddof: int = 1
+):
     """Per-group z-score of rewards [B] (B = num_groups * G, rows of a group adjacent), [B].
 
         A_i = clip( (r_i - mean_g r) / (std_g r + eps), -clip, clip )
 
-    std is the population std (ddof 0), as in the reference `_get_rewards`; clip <= 0: none.
-    A group of equal rewards gives exactly A = 0.
+    std is the unbiased std (ddof = 1, `torch.std`'s default), as in the reference
+    `_get_rewards` (its group mean and `.std(dim=1)`, eps 1e-8, then a clamp at
+    `advantage_clip_val`); ddof = 0 gives the population std. clip <= 0: none. A group of
+    equal rewards gives exactly A = 0.
     """
     if group_size < 2:
         raise ValueError(
@@ -60,7 +64,7 @@ def grouped_normalize(rewards: jax.Array, group_size: int, clip: float = 0.0, ep
     # equal numbers can differ from them, which would turn rounding noise into A = +-1).
     groups = groups - groups[:, :1]
     mean = jnp.mean(groups, axis=1, keepdims=True)
-    std = jnp.std(groups, axis=1, keepdims=True)
+    std = jnp.std(groups, axis=1, keepdims=True, ddof=ddof)
     adv = (groups - mean) / (std + eps)
     if clip > 0:
         adv = jnp.clip(adv, -clip, clip)

@@ -67,10 +67,28 @@ tau)) is `reverse_kl` here and 'kl-fwd' is `forward_kl`; its 'tvd' and 'mse' (in
 I read) act on log-probabilities, so they are not this library's `total_variation`.
 
 Times (`time_sampling`). Round k has a teacher of N_k = teacher_steps / 2^k steps and a student
-of N_k / 2 steps of size h = 2 / N_k. 'grid': t = 1 - j h with j ~ U{0, ..., N_k/2 - 1}, exactly
-the steps `masked.ancestral_sample` takes with N_k / 2 steps; 'uniform': t ~ U[h, 1]. Then
-m = t - h/2, s = max(t - h, 0), and z_t = forward_mask(x, t) for data x (at t = 1 a token
-stays unmasked with probability eps, while the sampler starts from all [MASK]; as in SDTT).
+of N_k / 2 steps of size h = 2 / N_k. 'antithetic' (default, SDTT's): continuous
+low-discrepancy times, u_i = (u + i/B) mod 1 for one u ~ U[0, 1) per batch of B, and
+t_i = (1 - e) u_i + e with e = 1e-5 (SDTT's `training.sampling_eps`); 'uniform': t ~ U[h, 1];
+'grid': t = 1 - j h with j ~ U{0, ..., N_k/2 - 1}, exactly the steps `masked.ancestral_sample`
+takes with N_k / 2 steps. Then m = t - h/2, s = max(t - h, 0), and z_t = forward_mask(x, t)
+for data x (at t = 1 a token stays unmasked with probability eps, while the sampler starts
+from all [MASK]; as in SDTT).
+
+What the reference computes (jdeschena/sdtt @ 9172b86, src/sdtt/core/distill/
+multi_round_sdtt.py `loss` 314-343 and `_teacher_logprobs_on_mask` 256-312, core/diffusion/
+absorbing.py `_sample_t` 145-162, configs/config.yaml 51-53): t as 'antithetic' above, z_t ~
+q(. | x, t), the student's prediction at z_t, and the teacher's predictions along two ancestral
+steps of size dt = (1 - e) / N_k each (so h = 2 dt): with space = linspace(1, 0, 2) = (1, 0)
+it forms ts = t * space + (1 - t) * (t - 2 dt), i.e. the steps start at
+
+    t_1 = max(t + (1 - t)(t - 2 dt), e)     and     t_2 = max((1 - t)(t - 2 dt), e),
+
+each going from t_i to t_i - dt (not t -> t - dt -> t - 2 dt: the interpolation weight is
+(1 - t), not (1 - space)). For a time-agnostic teacher only the reveal probabilities of these
+two steps differ from the midpoint path used here (t -> t - h/2 -> t - h), which is the one
+the paper describes; this module keeps the midpoint path. Its targets are those of 'sdtt'
+below, its loss a `batchmean` KL over all tokens masked in z_t.
 
 Metrics: `loss`, `grad_norm`, `loss_positions` (fraction of the batch's tokens in P),
 `first_step_fraction` (fraction of P whose target is the first-step prediction: about r1 for
@@ -89,9 +107,8 @@ every round. `train.num_steps` beyond rounds * steps_per_round continues the las
 Teacher loading, the schedule, the cached sampler and the evaluation prelude are the
 text-student scaffold (`student`).
 
-Departures from the reference: the teacher's second step starts at the midpoint m = t - h/2 (a
-public copy of SDTT's code I read starts it at t - h, its `linspace` of 2 points; unverified in
-the original repository); no analytic sampler, no float64 loss, no MAUVE.
+Departures from the reference: the teacher's two steps are t -> m -> s (the reference's
+start times are t_1 and t_2 above); no analytic sampler, no float64 loss, no MAUVE.
 """
 
 from __future__ import annotations
@@ -113,7 +130,8 @@ from didistill.train.method import Method
 from didistill.train.optim import apply_gradients, ema_update, make_optimizer
 
 TARGETS = ("sdtt", "onehot", "step_marginal")
-TIME_SAMPLINGS = ("grid", "uniform")
+TIME_SAMPLINGS = ("antithetic", "grid", "uniform")
+ANTITHETIC_EPS = 1e-5  # SDTT's training.sampling_eps
 TEACHER_FROM = ("student", "ema")
 
 
@@ -131,15 +149,27 @@ def divergence_params(distill_cfg) -> dict[str, float]:
     return {k: v for k, v in dict(params).items() if v is not None}
 
 
-def step_times(key, n: int, round_index, teacher_steps: int, time_sampling: str = "grid"):
+def antithetic_times(key, n: int, eps: float = ANTITHETIC_EPS) -> jax.Array:
+    """t_i = (1 - eps) ((u + i/n) mod 1) + eps, one u ~ U[0, 1) per call, float32 [n]
+    (SDTT's and MDLM's `_sample_t` with antithetic sampling)."""
+    u = jax.random.uniform(key, ())
+    offsets = jnp.arange(n, dtype=jnp.float32) / n  # linspace(0, 1, n + 1)[:-1]
+    return (1.0 - eps) * jnp.mod(u + offsets, 1.0) + eps
+
+
+def step_times(key, n: int, round_index, teacher_steps: int, time_sampling: str = "antithetic"):
     """(t, m, s) float32 [n] of student steps t -> s and teacher midpoints m in round k."""
     student_steps = teacher_steps * 0.5 ** (jnp.asarray(round_index, jnp.float32) + 1.0)
     h = 1.0 / student_steps  # student step size
-    u = jax.random.uniform(key, (n,))
-    if time_sampling == "grid":
-        t = 1.0 - jnp.floor(u * student_steps) / student_steps
+    if time_sampling == "antithetic":
+        t = antithetic_times(key, n)
     else:
-        t = h + (1.0 - h) * u
+        u = jax.random.uniform(key, (n,))
+        t = (
+            1.0 - jnp.floor(u * student_steps) / student_steps
+            if time_sampling == "grid"
+            else (h + (1.0 - h) * u)
+        )
     return t, t - 0.5 * h, jnp.maximum(t - h, 0.0)
 
 
@@ -326,6 +356,7 @@ def make_method(config) -> Method:
 
 __all__ = [
     "StepHalvingState",
+    "antithetic_times",
     "divergence_loss",
     "divergence_params",
     "make_loss",

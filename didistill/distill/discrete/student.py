@@ -7,19 +7,22 @@ diffusion q(z_t^l | x^l) = alpha_t 1[z_t^l = x^l] + (1 - alpha_t) 1[z_t^l = m]. 
 the teacher's architecture and starts from its params; what it inherits from the teacher file:
 
 - the network, params and meta, checked against the config: `config.teacher.checkpoint` set, the
-  method's own config checks (`validate(net)`), then the language's vocabulary V and the
-  sequence length L <= the teacher's `max_length`;
+  method's own config checks (`validate(net)`), then the data's vocabulary V (the synthetic
+  language's, or the tokenizer's for `config.data.kind='tfds'`, real text: a prepared tfds
+  dataset, `mdlm.data_streams`) and the sequence length L <= the teacher's `max_length`;
 - the schedule alpha_t (name and eps of the teacher's `diffusion` meta; log-linear, eps = 1e-3
   when absent), the mask id V, and whether the ancestral sampler may cache the network (exact
   only for a time-agnostic denoiser, alpha_t entering x_theta only through z_t);
 - sampling: `text_eval.ancestral_sampler`, the library's one jitted ancestral sampler on the
   grid t_i = 1 - i/N, shared with the teacher's own evaluation (teacher and student at N steps
   share one compilation);
-- evaluation: the exact judge of the synthetic source, the report of held-out data
-  (`data/...`) and of the student and teacher samples at each of `eval.sample_steps`
-  (`student/steps{N}/...`, `teacher/steps{N}/...`, same keys for both: paired comparisons), and
-  the source's exact perplexity exp(H(X_{1:L}) / L) (`source/gen_ppl`);
-- the data stream: the training batches of the synthetic language.
+- evaluation: the exact judge of the synthetic source (real text: the judge of
+  `config.eval.judge`, e.g. GPT-2 Large, `didistill.eval.gen_ppl:gpt2_judge`; none: gen_ppl
+  NaN, entropy and NFE still reported), the report of held-out data (`data/...`) and of the
+  student and teacher samples at each of `eval.sample_steps` (`student/steps{N}/...`,
+  `teacher/steps{N}/...`, same keys for both: paired comparisons), and the source's exact
+  perplexity exp(H(X_{1:L}) / L) (`source/gen_ppl`, synthetic only);
+- the data stream: the training batches of the synthetic language or of the tfds text.
 """
 
 from __future__ import annotations
@@ -35,7 +38,13 @@ import numpy as np
 
 from didistill.data import text
 from didistill.diffusion import masked
-from didistill.distill.teachers.mdlm import HELDOUT_SHARD, load_teacher_denoiser, logits_fn_of
+from didistill.distill.teachers.mdlm import (
+    HELDOUT_SHARD,
+    data_streams,
+    external_judge,
+    load_teacher_denoiser,
+    logits_fn_of,
+)
 from didistill.eval import text as text_eval
 from didistill.nets.dit import DiT
 
@@ -48,8 +57,10 @@ class TextStudent:
     net: DiT
     teacher_params: Any
     meta: dict[str, Any]
-    lang: text.Language
+    lang: text.Language | None  # None for real text
     schedule: masked.Schedule
+    train_stream: Callable[[int, int, int], Iterator[dict[str, np.ndarray]]]
+    heldout_stream: Callable[[int], Iterator[dict[str, np.ndarray]]]
 
     @property
     def length(self) -> int:
@@ -87,9 +98,17 @@ class TextStudent:
         """(judge, results): the exact judge and the reports of held-out data (`data/...`) and
         of the student and teacher samples at every `eval.sample_steps`."""
         ecfg, lang = self.config.eval, self.lang
-        judge = text_eval.exact_judge(lang, ecfg.judge_smoothing)
-        rng = np.random.default_rng([self.config.seed, HELDOUT_SHARD])
-        data = lang.sample(rng, ecfg.num_samples, self.length)
+        if lang is not None:
+            judge = text_eval.exact_judge(lang, ecfg.judge_smoothing)
+            rng = np.random.default_rng([self.config.seed, HELDOUT_SHARD])
+            data = lang.sample(rng, ecfg.num_samples, self.length)
+        else:
+            judge = external_judge(self.config)
+            stream = self.heldout_stream(ecfg.batch_size)
+            chunks = [
+                next(stream)["tokens"] for _ in range(-(-ecfg.num_samples // ecfg.batch_size))
+            ]
+            data = np.concatenate(chunks)[: ecfg.num_samples]
         results = {f"data/{k}": v for k, v in text_eval.sample_report(data, judge, 0, lang).items()}
         models = {"student": student_params, "teacher": self.teacher_params}
         results.update(
@@ -98,7 +117,10 @@ class TextStudent:
         return judge, results
 
     def source_report(self) -> dict[str, float]:
-        """{'source/gen_ppl': exp(H(X_{1:L}) / L)}, the perplexity of perfect samples."""
+        """{'source/gen_ppl': exp(H(X_{1:L}) / L)}, the perplexity of perfect samples ({} for
+        real text)."""
+        if self.lang is None:
+            return {}
         return {"source/gen_ppl": math.exp(self.lang.entropy_per_token(self.length))}
 
     def batches(self, start_step: int, rows: int = 0) -> Iterator[dict[str, np.ndarray]]:
@@ -106,10 +128,10 @@ class TextStudent:
         = train.batch_size / processes, or [B, rows, L] (rows sequences per example) when
         rows >= 1."""
         local = self.config.train.batch_size // jax.process_count()
-        shard, seed = jax.process_index(), self.config.seed
+        shard = jax.process_index()
         if rows < 1:
-            return text.batches(self.lang, seed, local, self.length, start_step, shard)
-        stream = text.batches(self.lang, seed, local * rows, self.length, start_step, shard)
+            return self.train_stream(start_step, local, shard)
+        stream = self.train_stream(start_step, local * rows, shard)
         return ({"tokens": b["tokens"].reshape(local, rows, self.length)} for b in stream)
 
 
@@ -125,16 +147,22 @@ def load(config, validate: Callable[[DiT], None] = lambda net: None) -> TextStud
         )
     net, teacher_params, meta = load_teacher_denoiser(config.teacher.checkpoint)
     validate(net)
-    lang, length = text.get_language(config.data.language), config.data.length
-    if lang.vocab_size != net.vocab_size or length > net.max_length:
+    vocab_size, lang, train_stream, heldout_stream = data_streams(config)
+    length = config.data.length
+    if vocab_size != net.vocab_size or length > net.max_length:
+        source = (
+            f"language {config.data.language!r}" if lang else f"tokenizer {config.data.tokenizer!r}"
+        )
         raise ValueError(
-            f"config.data (language {config.data.language!r}, V={lang.vocab_size}, length "
-            f"{length}) does not fit the teacher (V={net.vocab_size}, max_length "
-            f"{net.max_length}); use the language and length the teacher was trained on"
+            f"config.data ({source}, V={vocab_size}, length {length}) does not fit the teacher "
+            f"(V={net.vocab_size}, max_length {net.max_length}); use the data and length the "
+            "teacher was trained on"
         )
     dcfg = meta.get("diffusion", {})
     schedule = masked.get_schedule(dcfg.get("schedule", "loglinear"), dcfg.get("eps", 1e-3))
-    return TextStudent(config, net, teacher_params, meta, lang, schedule)
+    return TextStudent(
+        config, net, teacher_params, meta, lang, schedule, train_stream, heldout_stream
+    )
 
 
 __all__ = ["TextStudent", "load"]

@@ -67,8 +67,11 @@ def load_teacher_denoiser(path: str) -> tuple[DiT, Any, dict[str, Any]]:
     return load_model(path, "dit", "MDLM teacher", _HOW_TO_CREATE)
 
 
-def _data(config):
-    """(vocab_size, language or None, train batches factory, held-out token arrays factory)."""
+def data_streams(config):
+    """(vocab_size, language or None, train(start, n, shard) -> batches, heldout(n) -> batches)
+    of `config.data`: a synthetic language, or a prepared tfds text dataset with its tokenizer
+    (opened on first use; a missing tokenizer file or dataset stops with a message saying how
+    to get it). Shared by the teacher and the text students."""
     d = config.data
     if d.kind == "synthetic":
         lang = text.get_language(d.language)
@@ -77,6 +80,7 @@ def _data(config):
         return lang.vocab_size, lang, train, heldout
     if d.kind == "tfds":
         tok = text.get_tokenizer(d.tokenizer, d.tokenizer_dir)
+        framing = d.get("framing", "none")
         sources = {}  # opened on first use, so building the method needs no data
 
         def source(split):
@@ -86,27 +90,35 @@ def _data(config):
 
         def train(start, n, shard):
             src = source(d.tfds_split)
-            return text.text_batches(src, tok, config.seed, n, d.length, start, shard, d.text_key)
+            return text.text_batches(
+                src, tok, config.seed, n, d.length, start, shard, d.text_key, framing
+            )
 
         def heldout(n):
             src = source(d.heldout_split)
-            return text.text_batches(src, tok, config.seed, n, d.length, 0, 0, d.text_key)
+            return text.text_batches(src, tok, config.seed, n, d.length, 0, 0, d.text_key, framing)
 
         return tok.vocab_size, None, train, heldout
     raise ValueError(f"config.data.kind={d.kind!r} must be 'synthetic' or 'tfds'")
 
 
-def _external_judge(config):
+def external_judge(config):
+    """The judge of `config.eval.judge` ("package.module:factory"), or None (with a warning
+    saying what is missing when the factory cannot find its files: gen_ppl is then NaN)."""
     target = config.eval.get("judge", "")
     if not target:
         return None
     module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)(config)
+    try:
+        return getattr(importlib.import_module(module), attr)(config)
+    except FileNotFoundError as err:
+        logger.warning("no judge (gen_ppl is NaN): %s", err)
+        return None
 
 
 def make_method(config) -> Method:
     """Builds the MDLM teacher method from a `configs/synthetic_mdlm.py`-style config."""
-    vocab_size, lang, train_batches, heldout_batches = _data(config)
+    vocab_size, lang, train_batches, heldout_batches = data_streams(config)
     mask_id, length = vocab_size, config.data.length
     net_cfg = dict(config.net, vocab_size=vocab_size, max_length=length)
     net = dit_from_config(net_cfg)
@@ -139,7 +151,7 @@ def make_method(config) -> Method:
     def evaluate(state, key, workdir):
         ema_params = jax.device_get(state.ema_params)
         judge = (
-            text_eval.exact_judge(lang, ecfg.judge_smoothing) if lang else _external_judge(config)
+            text_eval.exact_judge(lang, ecfg.judge_smoothing) if lang else external_judge(config)
         )
         report = lambda tokens, nfe: (
             text_eval.sample_report(tokens, judge, nfe, lang)
@@ -195,6 +207,8 @@ def make_method(config) -> Method:
 
 __all__ = [
     "TEACHER_FILE",
+    "data_streams",
+    "external_judge",
     "load_teacher_denoiser",
     "logits_fn_of",
     "make_method",

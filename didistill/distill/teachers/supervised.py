@@ -13,6 +13,14 @@ TensorFlow `ExponentialMovingAverage` with `num_updates`).
 `init` and `step`; the method module adds its own `evaluate` and `batches`. The loss may return
 `(loss, metrics)` (`has_aux=True`); the step reports `loss`, `grad_norm`, `ema_decay` and those
 metrics.
+
+Gradient accumulation (`config.train.grad_accum_steps` = k > 1): the step splits its batch of
+B rows into k micro-batches of B / k (micro-batch j takes rows j, j + k, j + 2k, ..., so a
+batch sharded over 'data' in contiguous blocks stays sharded) and runs them one after the other
+in a `lax.scan`, each with key `fold_in(key, j)`; the gradient (and loss, metrics) is the mean
+over the micro-batches, then one optimizer and EMA update. For a loss that is a mean over rows
+this is the gradient of the whole batch (up to the per-micro-batch keys), with the activation
+memory of B / k rows.
 """
 
 from __future__ import annotations
@@ -61,14 +69,41 @@ def make_init_and_step(
     of the module docstring when `ema_warmup`)."""
     check_common(config)
     optimizer = make_optimizer(config.optim)
+    accum = int(config.train.get("grad_accum_steps", 1))
+    if accum < 1 or config.train.batch_size % (accum * jax.process_count()):
+        raise ValueError(
+            f"config.train.grad_accum_steps={accum} must be >= 1 and divide "
+            f"config.train.batch_size={config.train.batch_size} / {jax.process_count()} hosts"
+        )
 
     def init(key):
         params = init_params(key)
         return SupervisedState(params, optimizer.init(params), params)
 
+    def gradients(params, batch, key):
+        """((loss, aux), grads) of the batch, averaged over `accum` micro-batches."""
+        grad_fn = jax.value_and_grad(lambda p, b, k: loss_fn(p, b, k), has_aux=has_aux)
+        if accum == 1:
+            return grad_fn(params, batch, key)
+
+        def split(x):  # [B, ...] -> [k, B / k, ...], micro-batch j = rows j, j + k, ...
+            x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:])
+            return jnp.swapaxes(x, 0, 1)
+
+        micro = jax.tree.map(split, batch)
+
+        def body(total, inputs):
+            j, b = inputs
+            out, grads = grad_fn(params, b, jax.random.fold_in(key, j))
+            return jax.tree.map(lambda a, g: a + g / accum, total, (out, grads)), None
+
+        zeros = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), key)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+        total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+        return total
+
     def step(state, batch, key, step):
-        objective = lambda params: loss_fn(params, batch, key)
-        out, grads = jax.value_and_grad(objective, has_aux=has_aux)(state.params)
+        out, grads = gradients(state.params, batch, key)
         loss, aux = out if has_aux else (out, {})
         params, opt_state = apply_gradients(optimizer, state.params, state.opt_state, grads)
         decay = jnp.asarray(config.ema_decay, jnp.float32)
