@@ -151,9 +151,7 @@ def fid_block(inception: str | None = None, reference: str | None = None, num_sa
     data_dir = prepare.default_data_dir()
     if inception is None:
         inception = os.path.join(data_dir, prepare.ARTEFACTS["inception"].output)
-    if reference is None:
-        reference = ""
-    elif not os.path.isabs(reference) and os.sep not in reference:  # 'cifar10' -> cache path
+    if reference in prepare.FID_REFS:  # 'cifar10' -> its cache path
         reference = os.path.join(data_dir, prepare.ARTEFACTS[f"fid-refs-{reference}"].download)
     return ml_collections.ConfigDict(
         dict(

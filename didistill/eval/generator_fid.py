@@ -230,11 +230,12 @@ def save_reference(path: str, stats: fid.FeatureStats, resolution: int) -> str:
 # ----------------------------------------------------------------------------- sampling
 
 
-def sample_inputs(indices, image_shape, num_classes: int):
-    """(z [B, H, W, C], labels [B] or None) of sample indices [B] (see the module docstring)."""
+def sample_inputs(indices, image_shape, num_classes: int, seed: int = 0):
+    """(z [B, H, W, C], labels [B] or None) of sample indices [B]: from
+    `fold_in(key(seed), j)` (seed 0 in the FID protocol; see the module docstring)."""
 
     def one(j):
-        k_z, k_y = jax.random.split(jax.random.fold_in(jax.random.key(0), j))
+        k_z, k_y = jax.random.split(jax.random.fold_in(jax.random.key(seed), j))
         z = jax.random.normal(k_z, image_shape)
         y = jax.random.randint(k_y, (), 0, max(num_classes, 1))
         return z, y
