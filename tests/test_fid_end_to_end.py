@@ -83,7 +83,9 @@ class TestTraining:
         assert all(np.isfinite(line["eval/fid"]) for line in evals)
         for step in (1, 2, 3):
             assert os.path.isfile(os.path.join(workdir, "samples", f"step_{step:08d}.png"))
-        steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+        steps = sorted(
+            int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()
+        )
         assert steps == [2, 3]  # the latest, and every keep_period = 2
 
 

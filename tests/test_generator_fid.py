@@ -154,3 +154,42 @@ class TestBadInput:
         with pytest.raises(ConfigError, match=r"num_samples=0 is invalid"):
             gf.FIDSettings.from_config(block)
         assert gf.FIDSettings.from_config(ConfigDict(dict(fid=dict(inception="")))) is None
+
+
+SHARDED = """
+import json, pathlib, sys
+import jax
+sys.path.insert(0, {root!r})
+from tests.fid_files import fid_files
+from didistill.eval import generator_fid as gf
+from didistill.distill.one_step.image_generator import from_network_file
+teacher, feats, ref = fid_files(pathlib.Path({tmp!r}), label_dim=10)
+g, p = from_network_file(teacher, 2.5)
+s = gf.FIDSettings(feats, ref, num_samples=16, seeds=1, batch_size=8)
+# inside a caller's mesh with Explicit axes: the FID uses its own (Auto) mesh of local devices
+with jax.set_mesh(jax.make_mesh((jax.device_count(),), ("data",))):
+    out = gf.evaluate_fid(g, p, s, g.image_shape, 10)
+print("RESULT", jax.device_count(), json.dumps(out["fid_per_seed_set"]))
+"""
+
+
+def test_four_devices_give_the_one_device_fid(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = SHARDED.format(root=root, tmp=str(tmp_path))
+    values = {}
+    for devices in (1, 4):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        out = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=root
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT")][-1]
+        _, count, fids = line.split(" ", 2)
+        assert int(count) == devices
+        values[devices] = json.loads(fids)
+    np.testing.assert_allclose(values[4], values[1], rtol=1e-6)

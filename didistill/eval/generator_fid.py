@@ -45,7 +45,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from didistill.eval import fid
@@ -245,8 +245,8 @@ def sample_inputs(indices, image_shape, num_classes: int, seed: int = 0):
 
 
 def local_mesh() -> Mesh:
-    """A 1-D mesh ('data') over this process's devices."""
-    return Mesh(np.asarray(jax.local_devices()), ("data",))
+    """A 1-D mesh ('data', Auto) over this process's devices."""
+    return Mesh(np.asarray(jax.local_devices()), ("data",), axis_types=(AxisType.Auto,))
 
 
 @functools.lru_cache(maxsize=8)
@@ -273,10 +273,11 @@ def host_stats(
     moments = _moments_fn(sample_fn, feature_fn, tuple(image_shape), num_classes, mesh)
     params = jax.device_put(params, NamedSharding(mesh, P()))
     stats = fid.FeatureStats()
-    for s in range(start, stop, batch_size):
-        idx = np.arange(s, min(s + batch_size, stop), dtype=np.int32)
-        mean, m2 = moments(params, jax.device_put(idx, NamedSharding(mesh, P("data"))))
-        stats.update_moments(len(idx), np.asarray(mean, np.float64), np.asarray(m2, np.float64))
+    with jax.set_mesh(mesh):  # whatever mesh the caller has set (the engine's, Explicit axes)
+        for s in range(start, stop, batch_size):
+            idx = np.arange(s, min(s + batch_size, stop), dtype=np.int32)
+            mean, m2 = moments(params, jax.device_put(idx, NamedSharding(mesh, P("data"))))
+            stats.update_moments(len(idx), np.asarray(mean, np.float64), np.asarray(m2, np.float64))
     return stats
 
 
@@ -335,6 +336,11 @@ def evaluate_fid(
     (a pure function, jitted here with the feature network).
     """
     check_divisible(settings.num_samples, settings.batch_size)
+    with jax.set_mesh(local_mesh()):  # not the caller's mesh: arrays made here live on this one
+        return _evaluate_fid(sample_fn, params, settings, image_shape, num_classes)
+
+
+def _evaluate_fid(sample_fn, params, settings, image_shape, num_classes):
     feature_fn, feature_info = load_feature_network(settings.inception, image_shape)
     mu, sigma, ref_info = load_reference(
         settings.reference, int(image_shape[0]), feature_info["features"]

@@ -22,8 +22,9 @@ What the engine does, in order:
    a gathered copy of the state with `fold_in(eval_key, step)` and writes its dict to
    `metrics.jsonl` as a line of that step (before that step's checkpoint, so a resumed run
    redoes it if needed). Saves a checkpoint every `checkpoint_every` steps and at the end; with
-   `config.train.keep_period` > 0 every checkpoint at a multiple of it is kept too. On SIGTERM/SIGINT it saves
-   at the current step and returns with `preempted=True` (no evaluation).
+   `config.train.keep_period` > 0 every checkpoint at a multiple of it is kept too. On
+   SIGTERM/SIGINT it saves at the current step and returns with `preempted=True` (no
+   evaluation).
 6. Runs `method.evaluate` on every process, outside the mesh context, with a copy of the final
    state (gathered if sharded) on the process's first device (so eager code can mix it with
    local arrays), and writes `eval.json`; a rerun of a finished run reuses an `eval.json` of
