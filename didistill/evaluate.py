@@ -120,6 +120,7 @@ def evaluate_run(args) -> dict:
     from didistill.eval import generator_fid, plots
     from didistill.train import reporting
     from didistill.train.checkpoint import Checkpointer
+    from didistill.train.errors import CheckpointError
     from didistill.train.loop import CHECKPOINT_DIR, load_checkpoint
 
     workdir = args.workdir
@@ -144,7 +145,14 @@ def evaluate_run(args) -> dict:
             curve = json.load(f)
     is_main = jax.process_index() == 0
     for step in steps:
-        step, state = load_checkpoint(method, config, workdir, step)
+        try:
+            step, state = load_checkpoint(method, config, workdir, step)
+        except (CheckpointError, ValueError) as err:
+            raise EvaluateError(
+                f"{err} -- the networks' architecture comes from config.teacher.checkpoint="
+                f"{config.teacher.checkpoint}: is it the teacher this run was trained from? "
+                "(--teacher=FILE overrides it)"
+            ) from err
         params = state.generator_ema
         if args.export and step == steps[-1]:
             source = {"workdir": os.path.abspath(workdir), "step": step, "method": config.method}

@@ -144,7 +144,7 @@ class TestBadInput:
             capsys,
             evaluate.main,
             [f"--workdir={run[0]}", f"--teacher={other}"],
-            "didistill.evaluate: error:",
+            "is it the teacher this run was trained from",
         )
 
     def test_missing_files_and_a_reference_of_another_resolution(self, run, tmp_path, capsys):
