@@ -106,7 +106,8 @@ def check_divisible(num_samples: int, batch_size: int, num_devices: int | None =
 
 def check_files(settings: FIDSettings, image_shape) -> None:
     """Before any training: the feature network loads and the reference fits the images."""
-    _, info = load_feature_network(settings.inception, image_shape)
+    with jax.set_mesh(local_mesh()):  # as in evaluate_fid: the loaded network is cached
+        _, info = load_feature_network(settings.inception, image_shape)
     load_reference(settings.reference, int(image_shape[0]), info["features"])
 
 
@@ -139,7 +140,13 @@ def load_feature_network(path: str, image_shape) -> tuple[Callable, dict[str, An
             f"`{PREPARE_INCEPTION}` (it prints the path) and pass "
             f"--config.eval.fid.inception=PATH, or set it to '' to skip the FID."
         )
-    info = {"file": os.path.abspath(path), "sha256": sha256_file(path)}
+    stat = os.stat(path)
+    return _load_feature_network(os.path.abspath(path), tuple(image_shape), stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)  # the same jitted function again: no recompilation
+def _load_feature_network(path: str, image_shape, _mtime_ns: int):
+    info = {"file": path, "sha256": sha256_file(path)}
     if _is_inception_npz(path):
         from didistill.nets import inception
 
