@@ -203,9 +203,11 @@ def build(config) -> OneStepParts:
                     plots.save_image_grid(grid, os.path.join(workdir, file), cols)
         return results
 
+    sample_grid = jax.jit(student.sample, static_argnums=2)
+
     def periodic_evaluate(params, key, workdir, step):
         n = min(config.eval.get("grid_samples", 64), config.eval.batch_size)
-        grid, _ = jax.jit(student.sample, static_argnums=2)(params, key, n)
+        grid, _ = sample_grid(params, key, n)
         if jax.process_index() == 0:
             path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
             plots.save_image_grid(np.asarray(grid), path)
