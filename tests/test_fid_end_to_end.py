@@ -212,17 +212,17 @@ class TestMixedPrecision:
         assert float(jnp.abs(x16 - x32).max()) < 0.05 * scale
         assert not np.array_equal(np.asarray(x16), np.asarray(x32))  # bf16 did compute
 
-        for compute in ("float32", "bfloat16"):
-            config = tiny_config(files, "f_distill,forward_kl,smoke")
-            config.model.compute_dtype = compute
-            method = get_method(config)
-            state = method.init(jax.random.key(0, **RBG))
-            batch = next(method.batches(0))
-            state, metrics = jax.jit(method.step)(state, batch, jax.random.key(1, **RBG), 0)
-            assert all(np.isfinite(v) for v in metrics.values()), metrics
-            leaves = jax.tree.leaves(state.generator)
-            assert all(leaf.dtype == jnp.float32 for leaf in leaves)  # master weights
-            assert all(v.dtype == jnp.float32 for v in metrics.values())
+        # a bf16 f-distill step (float32 steps are run by every other test)
+        config = tiny_config(files, "f_distill,forward_kl,smoke")
+        config.model.compute_dtype = "bfloat16"
+        method = get_method(config)
+        state = method.init(jax.random.key(0, **RBG))
+        batch = next(method.batches(0))
+        state, metrics = jax.jit(method.step)(state, batch, jax.random.key(1, **RBG), 0)
+        assert all(np.isfinite(v) for v in metrics.values()), metrics
+        leaves = jax.tree.leaves(state.generator)
+        assert all(leaf.dtype == jnp.float32 for leaf in leaves)  # master weights
+        assert all(v.dtype == jnp.float32 for v in metrics.values())
 
     def test_bad_dtype_names_the_key(self, files):
         config = tiny_config(files)
