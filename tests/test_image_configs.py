@@ -55,6 +55,13 @@ def test_published_settings():
     assert sid.distill.noise == "sid" and sid.distill.tmax == 800
     assert sid.distill.fake_score_noise == "lognormal" and sid.distill.fake_score_weight == "edm"
     assert sid.distill.ema_halflife_images == 500_000 and sid.distill.ema_rampup_ratio == 0.05
+    # Inception FID of 50k samples against EDM's reference, periodic 5k FIDs, kept checkpoints
+    for config, ref in ((cifar, "cifar10-32x32.npz"), (imnet, "imagenet-64x64.npz")):
+        assert config.eval.fid.num_samples == 50_000 and config.eval.fid.reference.endswith(ref)
+        assert config.eval.fid.inception.endswith("inception_fid.npz")
+        assert config.eval.every == config.train.keep_period == 5000
+        assert config.model.compute_dtype == "float32"
+    assert cifar10_distill.get_config("dmd2,smoke").eval.fid.inception == ""
     di = cifar10_distill.get_config("diff_instruct")
     assert di.generator.sigma == 1.0 and di.train.batch_size == 128
     assert di.distill.noise == "lognormal"

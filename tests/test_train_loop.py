@@ -173,6 +173,10 @@ def test_engine_config_errors_name_the_key():
     config.mesh.data = 2
     with pytest.raises(ConfigError, match=r"config.mesh.data=2.*-1 \(all devices\) or 3"):
         validate_config(config, num_devices=3)
+    config = _config()
+    config.train.keep_period = -5
+    with pytest.raises(ConfigError, match=r"config.train.keep_period=-5 is invalid"):
+        validate_config(config, num_devices=1)
 
 
 def test_metrics_writer_drops_lines_after_the_resume_step(tmp_path):

@@ -123,6 +123,7 @@ def get_config():
             log_every=50,  # a metrics.jsonl line = the mean over these steps
             checkpoint_every=500,  # 0: save only at the end and on preemption
             keep_checkpoints=3,  # the newest N are kept
+            keep_period=0,  # > 0: also keep every checkpoint at a multiple of this step
             max_nonfinite_steps=20,  # consecutive skipped (NaN/inf) steps before the run stops
             progress=True,  # tqdm progress bar on process 0
         )

@@ -47,7 +47,11 @@ def get_config(arg=None):
     config.discriminator.width = 0  # the feature channels: 256 for EDM's DDPM++ (FastGen)
     config.eval.num_samples = 10_000
     config.eval.batch_size = 500
-    config.eval.feature_checkpoint = ""  # no Inception FID in this method's evaluate yet
+    config.eval.feature_checkpoint = ""
+    # Inception FID, 50k samples (python -m didistill.prepare inception; fid-refs cifar10)
+    config.eval.fid = common.fid_block(reference="cifar10")
+    config.eval.every = 5000  # sample grid and a 5k-sample FID every 5000 steps
+    config.train.keep_period = 5000  # keep those checkpoints, for a FID-vs-step curve
     config.train.log_every = 100
     config.train.checkpoint_every = 5000
     d = config.distill

@@ -35,7 +35,7 @@ docs/one_step_settings.md. A step is one generator update (see one_step.method).
   1/sigma^2 + 1/sigma_data^2 over all 1000 indices; DMD2 has no EMA (0.9999^5 kept here).
 - sid / uni_instruct [SiD, Uni-Instruct]: batch 8192, Adam lr 4e-6, betas (0, 0.999), input
   2.5 z at sigma 2.5, sigma from u ~ U[0, 0.8), EMA half-life 2 Mimg with ramp-up 0.05.
-Not implemented: fp16 / bf16 (float32 throughout).
+bf16: --config.model.compute_dtype=bfloat16 (float32 parameters and losses).
 """
 
 from didistill.configs import one_step_common as common
@@ -56,6 +56,10 @@ def get_config(arg=None):
     config.eval.num_samples = 10_000
     config.eval.batch_size = 250
     config.eval.feature_checkpoint = ""
+    # Inception FID, 50k samples (python -m didistill.prepare inception; fid-refs imagenet64)
+    config.eval.fid = common.fid_block(reference="imagenet64")
+    config.eval.every = 5000  # sample grid and a 5k-sample FID every 5000 steps
+    config.train.keep_period = 5000  # keep those checkpoints, for a FID-vs-step curve
     config.train.log_every = 100
     config.train.checkpoint_every = 5000
     d = config.distill

@@ -6,6 +6,8 @@ is the `config.distill` block read by `didistill.distill.one_step.method` with i
 `optimizers` sets the three optimizer blocks (generator, fake score, discriminator).
 """
 
+import os
+
 import ml_collections
 
 from didistill import assets, divergences
@@ -131,6 +133,8 @@ def image_distill_config(method, divergence, flags):
     config.distill = distill_block(method, divergence, critic_steps=5, gan_weight=1e-3)
     optimizers(config, learning_rate=1e-4, b1=0.0, b2=0.99)
     config.ema_decay = 0.999
+    # 'bfloat16': every U-Net computes in bf16, float32 parameters, outputs and losses
+    config.model = ml_collections.ConfigDict(dict(compute_dtype="float32"))
     config.eval = ml_collections.ConfigDict(
         dict(
             num_samples=500,
@@ -139,6 +143,10 @@ def image_distill_config(method, divergence, flags):
             feature_checkpoint=assets.path(
                 "digits/classifier_teacher.msgpack"
             ),  # digits FID if present
+            every=0,  # > 0: sample grid (and small-sample FID) every N steps
+            periodic_samples=5000,  # samples of the periodic FID
+            grid_samples=64,
+            fid=fid_block(inception="", reference=""),  # Inception FID (off for digits)
         )
     )
     config.train.num_steps = 2000
@@ -146,6 +154,28 @@ def image_distill_config(method, divergence, flags):
     config.train.log_every = 50
     config.train.checkpoint_every = 1000
     return config
+
+
+def fid_block(inception: str | None = None, reference: str | None = None, num_samples=50_000):
+    """`config.eval.fid` (didistill.eval.generator_fid): FID Inception weights and reference
+    statistics (default: where `python -m didistill.prepare inception` / `fid-refs NAME`
+    put them), N samples per seed set, seed sets, global sampling batch."""
+    from didistill import prepare
+
+    data_dir = prepare.default_data_dir()
+    if inception is None:
+        inception = os.path.join(data_dir, prepare.ARTEFACTS["inception"].output)
+    if reference in prepare.FID_REFS:  # 'cifar10' -> its cache path
+        reference = os.path.join(data_dir, prepare.ARTEFACTS[f"fid-refs-{reference}"].download)
+    return ml_collections.ConfigDict(
+        dict(
+            inception=inception,
+            reference=reference,
+            num_samples=num_samples,
+            seeds=1,
+            batch_size=250,
+        )
+    )
 
 
 def shrink_for_smoke(config):
@@ -162,4 +192,9 @@ def shrink_for_smoke(config):
     config.eval.batch_size = 8
     config.eval.teacher_nfe = 3
     config.eval.feature_checkpoint = ""
+    config.eval.fid.inception = ""
+    config.eval.fid.num_samples = 8
+    config.eval.fid.batch_size = 8
+    config.eval.periodic_samples = 8
+    config.eval.grid_samples = 8
     return config

@@ -4,7 +4,8 @@ Layout: `<workdir>/checkpoints/<step>/{state, meta}`, where `state` is the `Engi
 (orbax `StandardSave`, one tensorstore per array, written by every process for its shards) and
 `meta` a small JSON dict (`JsonSave`). Saves are asynchronous (the device-to-host copy happens
 before `save` returns, the file writes in the background); `wait()`/`close()` block on them.
-The newest `keep` checkpoints are kept (`LatestN`).
+The newest `keep` checkpoints are kept (`LatestN`), and with `keep_period` > 0 also every
+checkpoint whose step is a multiple of it (`EveryNSteps`; for FID-vs-step curves).
 
 Restoring (`restore_latest`) reads onto the shardings carried by an abstract tree of
 `jax.ShapeDtypeStruct`s, newest step first:
@@ -157,10 +158,14 @@ def _first_nonfinite(state) -> str | None:
 class Checkpointer:
     """Saves and restores `EngineState` pytrees under one directory. A context manager."""
 
-    def __init__(self, directory: str, keep: int, async_save: bool = True):
+    def __init__(self, directory: str, keep: int, async_save: bool = True, keep_period: int = 0):
         self.directory = os.path.abspath(directory)
+        policies = ocp.checkpoint_managers
+        policy = policies.LatestN(keep)
+        if keep_period:
+            policy = policies.AnyPreservationPolicy([policy, policies.EveryNSteps(keep_period)])
         self._options = ocp.CheckpointManagerOptions(
-            preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+            preservation_policy=policy,
             enable_async_checkpointing=async_save,
             create=True,
         )

@@ -18,8 +18,13 @@ What the engine does, in order:
    Nothing is fetched to the host between log points: every `log_every` steps (and at the
    last step) the report of the current window is fetched, written to `metrics.jsonl`,
    logged, and checked for a run of non-finite steps.
-5. Saves a checkpoint every `checkpoint_every` steps and at the end. On SIGTERM/SIGINT it saves
-   at the current step and returns with `preempted=True` (no evaluation).
+5. Every `config.eval.every` steps (if > 0 and the method has `periodic_evaluate`) runs it on
+   a gathered copy of the state with `fold_in(eval_key, step)` and writes its dict to
+   `metrics.jsonl` as a line of that step (before that step's checkpoint, so a resumed run
+   redoes it if needed). Saves a checkpoint every `checkpoint_every` steps and at the end; with
+   `config.train.keep_period` > 0 every checkpoint at a multiple of it is kept too. On
+   SIGTERM/SIGINT it saves at the current step and returns with `preempted=True` (no
+   evaluation).
 6. Runs `method.evaluate` on every process, outside the mesh context, with a copy of the final
    state (gathered if sharded) on the process's first device (so eager code can mix it with
    local arrays), and writes `eval.json`; a rerun of a finished run reuses an `eval.json` of
@@ -121,7 +126,7 @@ def load_checkpoint(method: Method, config, workdir: str, step: int | None = Non
     mesh = sharding.mesh_from_config(config.mesh)
     abstract = jax.eval_shape(_init_fn(method, config.seed))
     abstract = sharding.with_sharding(abstract, sharding.replicated(mesh))
-    with Checkpointer(ckpt_dir, config.train.keep_checkpoints) as c:
+    with Checkpointer(ckpt_dir, config.train.keep_checkpoints, **_keep(config)) as c:
         step = c.latest_step() if step is None else step
         if step is None or step not in c.steps():
             raise CheckpointError(f"no checkpoint {'' if step is None else step} in {c.directory}")
@@ -132,10 +137,20 @@ def load_checkpoint(method: Method, config, workdir: str, step: int | None = Non
     return restored.step, restored.state.method_state
 
 
+def _keep(config) -> dict:
+    return {"keep_period": config.train.get("keep_period", 0) or 0}
+
+
+def _eval_every(config, method: Method) -> int:
+    evaluation = config.get("eval")
+    every = (evaluation.get("every", 0) if evaluation is not None else 0) or 0
+    return every if method.periodic_evaluate is not None else 0
+
+
 class _Loop:
     """The stepping part of `train`, split into small methods sharing the run's objects."""
 
-    def __init__(self, method, config, mesh, state_sharding, ckpt, writer, watcher):
+    def __init__(self, method, config, mesh, state_sharding, ckpt, writer, watcher, workdir=""):
         self.method, self.tc, self.config = method, config.train, config
         self.ckpt, self.writer, self.watcher = ckpt, writer, watcher
         self.replicated = sharding.replicated(mesh)
@@ -150,6 +165,17 @@ class _Loop:
             out_shardings=(state_sharding, rep, rep),
         )
         self.last_line = None
+        self.eval_every = _eval_every(config, method)
+        self.workdir = workdir
+
+    def periodic_evaluate(self, state: EngineState, step: int) -> None:
+        """`method.periodic_evaluate` at `step`, written to metrics.jsonl."""
+        local = sharding.local_copy(sharding.gather(state.method_state, self.replicated.mesh))
+        key = jax.random.fold_in(run_keys(self.config.seed)[2], step)
+        results = self.method.periodic_evaluate(local, key, self.workdir, step)
+        results = reporting.to_jsonable(dict(results or {}))
+        self.writer.write(step, results)
+        logger.info("eval at step %d | %s", step, reporting.format_metrics(results))
 
     def run(self, state: EngineState, start: int, window_json) -> tuple[EngineState, int, bool]:
         """Steps from `start` to num_steps; returns (state, step, preempted)."""
@@ -173,6 +199,8 @@ class _Loop:
                 if step % tc.log_every == 0 or step == tc.num_steps:
                     clock = self._log(step, report, clock)
                     self.ckpt.seal_finished()  # checksum the saves that are on disk
+                if self.eval_every and step % self.eval_every == 0:
+                    self.periodic_evaluate(state, step)
                 if tc.checkpoint_every and step % tc.checkpoint_every == 0:
                     self.save(state, step, window)
         self.save(state, step, window, window_json)
@@ -366,7 +394,8 @@ def _train_locked(method: Method, config, workdir: str, mesh, fsdp: bool, is_mai
     ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
 
     rollbacks: list[str] = []
-    with jax.set_mesh(mesh), Checkpointer(ckpt_dir, config.train.keep_checkpoints) as ckpt:
+    keep = config.train.keep_checkpoints
+    with jax.set_mesh(mesh), Checkpointer(ckpt_dir, keep, **_keep(config)) as ckpt:
         while True:
             restored = ckpt.restore_latest(abstract)
             if restored is None:
@@ -392,7 +421,9 @@ def _train_locked(method: Method, config, workdir: str, mesh, fsdp: bool, is_mai
             writer = writers.make_writers(config, workdir, metrics_path, start, is_main)
             try:
                 with PreemptionWatcher() as watcher:  # also covers the wait for the last save
-                    loop = _Loop(method, config, mesh, state_sharding, ckpt, writer, watcher)
+                    loop = _Loop(
+                        method, config, mesh, state_sharding, ckpt, writer, watcher, workdir
+                    )
                     state, step, preempted = loop.run(state, start, window_json)
                     ckpt.wait()
             except NonFiniteError as err:

@@ -8,6 +8,8 @@ evaluation. The engine knows nothing about any method.
     state  = method.init(key)                              # pytree of arrays only
     state, metrics = method.step(state, batch, key, step)  # pure; jitted by the engine
     results = method.evaluate(state, key, workdir)         # host side; may write PNGs
+    results = method.periodic_evaluate(state, key, workdir, step)  # optional, every
+                                           # config.eval.every steps, into metrics.jsonl
     for batch in method.batches(start_step): ...           # this process's rows
 
 Rules:
@@ -60,3 +62,6 @@ class Method(NamedTuple):
     evaluate: Callable[[PyTree, jax.Array, str], dict[str, float]]
     batches: Callable[[int], Iterator[PyTree]]
     global_batch_size: int
+    # optional: (state, key, workdir, step) -> flat dict, run like `evaluate` every
+    # `config.eval.every` steps (0 or None: never); the engine writes it to metrics.jsonl
+    periodic_evaluate: Callable[[PyTree, jax.Array, str, int], dict[str, float]] | None = None

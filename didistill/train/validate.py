@@ -62,6 +62,8 @@ def validate_config(config, num_devices: int, num_processes: int = 1) -> None:
     _require_int(config, "train.checkpoint_every", 0, "0 saves only at the end and on preemption")
     _require_int(config, "train.keep_checkpoints", 1)
     _require_int(config, "train.max_nonfinite_steps", 1)
+    if "keep_period" in config.train:
+        _require_int(config, "train.keep_period", 0, "0 keeps only the newest checkpoints")
     if not isinstance(config.train.progress, bool):
         raise ConfigError(
             f"config.train.progress={config.train.progress!r} is invalid: valid choices are "
@@ -90,6 +92,8 @@ def validate_method_keys(config) -> None:
         for key in ("num_samples", "batch_size"):
             if key in evaluation:
                 _require_int(config, f"eval.{key}", 1)
+        if "every" in evaluation:
+            _require_int(config, "eval.every", 0, "0 turns the periodic evaluation off")
 
 
 __all__ = ["check_batch_divisible", "data_axis_size", "validate_config", "validate_method_keys"]

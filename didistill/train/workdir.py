@@ -42,6 +42,11 @@ NEUTRAL_KEYS = (
     "train.progress",
     "train.checkpoint_every",  # resume is bit-identical from any step
     "train.keep_checkpoints",
+    "train.keep_period",  # which checkpoints are kept
+    "eval.every",  # periodic evaluation: extra metrics.jsonl lines and PNGs only
+    "eval.periodic_samples",
+    "eval.grid_samples",
+    "eval.fid",  # the final evaluation is recomputed, it never feeds back into training
     "train.max_nonfinite_steps",  # when a diverging run stops, not what it computes
     "eval.batch_size",  # evaluation chunking (same samples, same keys)
     "mesh.data",  # device layout: same computation (last-bit rounding may differ)

@@ -25,8 +25,14 @@
   0..K-1) and `teacher_samples.png` (Heun at `config.eval.teacher_nfe`; 0 skips the teacher),
   with the pixel std of both; and, if `config.eval.feature_checkpoint`
   names an existing digits classifier, the feature FID of both against the test split
-  (`didistill.eval.fid.classifier_fid`). There is no Inception FID here yet: CIFAR-10 and
-  ImageNet-64 runs report no FID.
+  (`didistill.eval.fid.classifier_fid`); and, when `config.eval.fid.inception` is set, the
+  Inception FID of the student (`didistill.eval.generator_fid`: `config.eval.fid.num_samples`
+  per seed set, sharded over every device and process, protocol recorded in eval.json);
+- periodic_evaluate (every `config.eval.every` steps, 0 = never): `samples/step_<S>.png` and,
+  when `config.eval.fid.inception` is set, `eval/fid` from `config.eval.periodic_samples`
+  samples (biased upwards against 50k: comparable only along one run's curve).
+Mixed precision: `config.model.compute_dtype = 'bfloat16'` runs every U-Net (teacher,
+generator, fake score) in bf16 with float32 parameters, outputs and losses.
 There are no exact densities: `exact_*` are None.
 """
 
@@ -39,8 +45,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from didistill.diffusion import edm
+from didistill.distill.one_step.image_generator import ImageGenerator, compute_dtype
 from didistill.distill.one_step.parts import OneStepParts
-from didistill.eval import fid, plots
+from didistill.eval import fid, generator_fid, plots
 from didistill.nets.convert_edm import load_unet
 from didistill.nets.unet import ConvHead, LogitHeads
 
@@ -77,9 +84,15 @@ def _check_data(data, image_shape, num_classes):
 def build(config) -> OneStepParts:
     """`OneStepParts` for one-step distillation of an image U-Net teacher (see the module)."""
     net, teacher_vars, image_shape = load_teacher_unet(config.teacher.checkpoint)
+    model_cfg = config.get("model") or {}
+    net = net.clone(dtype=compute_dtype(model_cfg.get("compute_dtype", "float32")))
     num_classes = int(net.label_dim)
     d, g_cfg, disc_cfg = config.distill, config.generator, config.discriminator
     sigma_g = float(g_cfg.sigma)
+    fid_settings = generator_fid.FIDSettings.from_config(config.eval)
+    if fid_settings is not None:
+        generator_fid.check_divisible(fid_settings.num_samples, fid_settings.batch_size)
+        generator_fid.check_files(fid_settings, image_shape)
     kind = disc_cfg.get("kind", "conv")
     if kind == "fastgen":
         head = LogitHeads(resolutions=tuple(disc_cfg.resolutions), width=disc_cfg.width)
@@ -109,9 +122,8 @@ def build(config) -> OneStepParts:
         _, feats = net.apply(trunk, x, sigma, cond, features=True)  # {r: [B, r, r, C]}
         return head.apply(params, {r: feats[r] for r in disc_cfg.resolutions})
 
-    def generate_from(params, z, labels):  # z [n, H, W, C], labels [n] or None -> x0
-        n = z.shape[0]
-        return net.apply(params, sigma_g * z, jnp.full((n,), sigma_g), labels)
+    student = ImageGenerator(net, sigma_g, tuple(image_shape), {})
+    generate_from = student.__call__  # (params, z [n, H, W, C], labels [n] or None) -> x0
 
     def generate(params, key, n):  # -> (x0 [n, H, W, C], labels [n] or None)
         k_z, k_y = jax.random.split(key)
@@ -185,6 +197,12 @@ def build(config) -> OneStepParts:
             results[f"{name}/pixel_std"] = float(x.std())
             if fid_fn is not None:
                 results[f"{name}/feature_fid"] = fid_fn(x)
+        if fid_settings is not None:
+            out = generator_fid.evaluate_fid(
+                generate_from, params, fid_settings, image_shape, num_classes
+            )
+            results["fid_protocol"] = out.pop("fid_protocol")
+            results.update({f"student/{k}": v for k, v in out.items()})
         if jax.process_index() == 0:
             cols = num_classes if 0 < num_classes <= 20 else None
             np.save(os.path.join(workdir, "samples.npy"), samples["student"])
@@ -192,6 +210,24 @@ def build(config) -> OneStepParts:
                 if name in samples:
                     grid = samples[name][: min(n, 10 * (cols or 10))]
                     plots.save_image_grid(grid, os.path.join(workdir, file), cols)
+        return results
+
+    sample_grid = jax.jit(student.sample, static_argnums=2)
+
+    def periodic_evaluate(params, key, workdir, step):
+        n = min(config.eval.get("grid_samples", 64), config.eval.batch_size)
+        grid, _ = sample_grid(params, key, n)
+        if jax.process_index() == 0:
+            path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
+            plots.save_image_grid(np.asarray(grid), path)
+        results = {"eval/pixel_std": float(np.asarray(grid).std())}
+        if fid_settings is not None:
+            small = fid_settings.replace(
+                num_samples=config.eval.get("periodic_samples", 5000), seeds=1
+            )
+            out = generator_fid.evaluate_fid(generate_from, params, small, image_shape, num_classes)
+            results["eval/fid"] = out["fid"]
+            results["eval/fid_samples"] = small.num_samples
         return results
 
     return OneStepParts(
@@ -206,6 +242,7 @@ def build(config) -> OneStepParts:
         exact_log_ratio=None,
         batches=batches,
         evaluate=evaluate,
+        periodic_evaluate=periodic_evaluate,
     )
 
 

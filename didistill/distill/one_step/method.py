@@ -362,12 +362,19 @@ def make_method(config) -> Method:
     def evaluate(state, key, workdir):
         return parts.evaluate(state.generator_ema, key, workdir)
 
+    periodic = None
+    if parts.periodic_evaluate is not None:
+
+        def periodic(state, key, workdir, step):
+            return parts.periodic_evaluate(state.generator_ema, key, workdir, step)
+
     return Method(
         init=init,
         step=step,
         evaluate=evaluate,
         batches=parts.batches,
         global_batch_size=parts.batch_size,
+        periodic_evaluate=periodic,
     )
 
 

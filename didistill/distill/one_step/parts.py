@@ -25,6 +25,8 @@ class OneStepParts(NamedTuple):
     exact_log_ratio: Callable | None  # (affine generator params, x, sigma) -> log p_t - log q_t
     batches: Callable  # start_step -> iterator of {'x': [B, critic_steps, ...], 'label'?: [B, k]}
     evaluate: Callable  # (generator EMA params, key, workdir) -> flat dict of metrics
+    # (generator EMA params, key, workdir, step) -> metrics for metrics.jsonl, or None
+    periodic_evaluate: Callable | None = None
 
 
 __all__ = ["OneStepParts"]
