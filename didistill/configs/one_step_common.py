@@ -119,8 +119,8 @@ def image_distill_config(method, divergence, flags):
         dict(checkpoint=assets.path("digits/teacher.msgpack"), score="network")
     )
     config.generator = ml_collections.ConfigDict(
-        dict(kind="unet", init="scratch" if "scratch" in flags else "teacher")
-    )
+        dict(kind="unet", init="scratch" if "scratch" in flags else "teacher", num_steps=1)
+    )  # num_steps K > 1: a K-step student (one_step/few_step.py: DMD2's backward simulation)
     # z ~ N(0, sigma_g^2 I) at sigma_g: 80 = sigma_max (DMD2, FastGen), 2.5 (SiD, Uni-Instruct).
     config.generator.sigma = table.METHODS[method].sigma_g
     config.discriminator = ml_collections.ConfigDict(

@@ -27,7 +27,9 @@ def get_config(arg=None):
     config.teacher = ml_collections.ConfigDict(
         dict(checkpoint=assets.path("toy/ring8_teacher.msgpack"), score="network")
     )
-    config.generator = ml_collections.ConfigDict(dict(kind="mlp", init="teacher", sigma=2.5))
+    config.generator = ml_collections.ConfigDict(
+        dict(kind="mlp", init="teacher", sigma=2.5, num_steps=1)
+    )  # num_steps K > 1: a K-step student (one_step/few_step.py: DMD2's backward simulation)
     config.discriminator = ml_collections.ConfigDict(
         dict(features="teacher", width=128, depth=2, head_width=128)
     )

@@ -42,6 +42,12 @@ The methods differ only in their row of `one_step.table.METHODS`.
 `distill.ratio = 'exact'` replaces the discriminator's ratio and the fake score by the exact
 noised densities of an affine Gaussian generator (`generator.kind = 'affine'`) and the exact
 toy teacher: an oracle for testing the estimators, not for real runs.
+
+`config.generator.num_steps = K > 1` makes every method a K-step student
+(`one_step.few_step`): its training samples come from DMD2's backward simulation (a random
+step k per batch, the student's steps before k run without gradients), for the generator's
+loss and the critics alike; evaluation samples with all K steps (NFE = K). K = 1 is the
+one-step generator, unchanged.
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ import jax
 import jax.numpy as jnp
 
 from didistill import divergences
-from didistill.distill.one_step import losses, noise, table
+from didistill.distill.one_step import few_step, losses, noise, table
 from didistill.distill.one_step.parts import OneStepParts
 from didistill.train.method import Method
 from didistill.train.optim import apply_gradients, ema_update, make_optimizer
@@ -95,6 +101,14 @@ def validate(config) -> None:
         raise ValueError(
             "config.distill.ratio='exact' needs config.generator.kind='affine' and "
             "config.teacher.score='exact' (the only case with exact student and teacher densities)"
+        )
+    num_steps = config.generator.get("num_steps", 1)
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"config.generator.num_steps must be an int >= 1, got {num_steps!r}")
+    if num_steps > 1 and (config.generator.get("kind") == "affine" or cfg.ratio == "exact"):
+        raise ValueError(
+            "config.generator.num_steps > 1 needs a network generator (not kind='affine' or "
+            "distill.ratio='exact'); set config.generator.num_steps=1"
         )
     if cfg.critic_steps < 0:
         raise ValueError(f"config.distill.critic_steps must be >= 0, got {cfg.critic_steps}")
@@ -185,6 +199,18 @@ def make_method(config) -> Method:
     gan_time_weight = cfg.get("gan_time_weight", "none")
     sida = cfg.get("gan_recipe", "fastgen") == "sida"
     reverse_kl = divergences.get("reverse_kl")
+    num_steps = int(config.generator.get("num_steps", 1))
+    step_sigmas = few_step.step_sigmas(config.generator.sigma, num_steps, cfg.sigma_min)
+
+    def generate(params, key, n):  # the training sample: DMD2's backward simulation when K > 1
+        if num_steps == 1:
+            return parts.generate(params, key, n)
+        k_z, k_sim = jax.random.split(key)
+        z, cond = parts.latent(k_z, n)
+        x0, _ = few_step.backward_simulation(
+            parts.generator_step, params, z, step_sigmas, k_sim, cond
+        )
+        return x0, cond
 
     def sanitize(grads):
         return sanitize_gradients(grads, critic_clip)
@@ -217,7 +243,7 @@ def make_method(config) -> Method:
     def critic_update(state, real, real_cond, key):
         """One fake-score DSM step and one discriminator step on fresh generator samples."""
         k_gen, k_fake, k_real, k_disc = jax.random.split(key, 4)
-        x0, cond = parts.generate(state.generator, k_gen, real.shape[0])
+        x0, cond = generate(state.generator, k_gen, real.shape[0])
         x0 = shard_batch(jax.lax.stop_gradient(x0))
         xt, sigma, _ = noised(k_fake, x0, sample_fake_sigma)
 
@@ -280,7 +306,7 @@ def make_method(config) -> Method:
 
     def generator_loss(g_params, state, key, images_seen):
         k_gen, k_noise = jax.random.split(key)
-        x0, cond = parts.generate(g_params, k_gen, parts.batch_size)
+        x0, cond = generate(g_params, k_gen, parts.batch_size)
         x0 = shard_batch(x0)
         xt, sigma, bins = noised(k_noise, x0)
         d_teacher = parts.teacher_denoise(xt, sigma, cond)
