@@ -36,6 +36,7 @@ Methods (`config.method`):
 | diff_instruct | same, unit time weight | reverse_kl | no |
 | sid | SiD, gradients through the networks' inputs | (reverse KL) | no |
 | uni_instruct | h-weighted SiD + DI term from grad h | any registered | yes |
+| vdot | DMD + OT direction (Sinkhorn) between fake-score and teacher predictions | reverse_kl | yes |
 
 The methods differ only in their row of `one_step.table.METHODS`.
 
@@ -110,6 +111,19 @@ def validate(config) -> None:
             "config.generator.num_steps > 1 needs a network generator (not kind='affine' or "
             "distill.ratio='exact'); set config.generator.num_steps=1"
         )
+    if "ot_features" in cfg:
+        from didistill.distill.one_step import vdot
+
+        if cfg.ot_features not in vdot.OT_FEATURES:
+            raise ValueError(
+                f"config.distill.ot_features={cfg.ot_features!r} is not one of {vdot.OT_FEATURES}"
+            )
+        if cfg.ot_features == "pixels" and config.data.get("kind", "toy") == "toy":
+            raise ValueError(
+                "config.distill.ot_features='pixels' needs images; use 'batch' on the toy"
+            )
+        if int(cfg.ot_iterations) < 1 or float(cfg.ot_epsilon) <= 0:
+            raise ValueError("config.distill.ot_iterations must be >= 1 and ot_epsilon > 0")
     if cfg.critic_steps < 0:
         raise ValueError(f"config.distill.critic_steps must be >= 0, got {cfg.critic_steps}")
     if not 0 <= cfg.min_index < cfg.max_index < cfg.num_sigmas:
