@@ -116,6 +116,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/few_step_toy")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--first_seed", type=int, default=0, help="train seeds first_seed..seeds-1 only"
+    )
     parser.add_argument("--steps", type=int, default=None, help="generator steps per run")
     common.add_cache_flag(parser)
     args = parser.parse_args(argv)
@@ -128,7 +131,7 @@ def main(argv=None) -> None:
     common.quiet_logs()
     start = time.time()
     results = {}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.seeds):
         for _, arg in ENTRIES:
             for k in STEPS:
                 config = make_config(arg, k, seed, args.steps)

@@ -64,12 +64,15 @@ def ot_cost(fake, teacher, epsilon, iterations, features="batch", downsample=1):
 
     `fake`, `teacher` [B, ...]; 'batch': one problem between the B flattened samples;
     'pixels': B problems between each sample's pooled positions ([B, H, W, C] inputs).
-    Sinkhorn by ott-jax with exactly `iterations` log-domain iterations, differentiated by
-    unrolling them (as the reference's autograd does)."""
+    Sinkhorn by ott-jax (`divergences.transport.sinkhorn`) with exactly `iterations`
+    log-domain iterations, differentiated by unrolling them (as the reference's autograd
+    does). The cost matrix is built here: ott's `PointCloud` gave a zero gradient in a
+    coordinate that is exactly 0 for every point (measured, ott-jax as pinned)."""
 
-    def cost(x, y):
-        return transport.sinkhorn_points(
-            x, y, epsilon=epsilon, num_iterations=iterations, differentiation="unrolled"
+    def cost(x, y):  # [N, D], [M, D]; C_ij = ||x_i - y_j||^2 (the reference's cdist ** 2)
+        c = jnp.sum(x**2, 1)[:, None] + jnp.sum(y**2, 1)[None, :] - 2.0 * x @ y.T
+        return transport.sinkhorn(
+            c, epsilon=epsilon, num_iterations=iterations, differentiation="unrolled"
         ).transport_cost
 
     if features == "batch":
