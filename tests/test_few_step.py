@@ -53,7 +53,11 @@ def test_backward_simulation_gradient_only_through_selected_step():
         (x0, k) = few_step.backward_simulation(_linear_step, 1.5, z, sigmas, key)
         k = int(k)
         seen.add(k)
-        grad = jax.grad(lambda p: jnp.sum(few_step.backward_simulation(_linear_step, p, z, sigmas, key)[0]))(1.5)
+        grad = jax.grad(
+            lambda p, key=key: jnp.sum(
+                few_step.backward_simulation(_linear_step, p, z, sigmas, key)[0]
+            )
+        )(1.5)
         # x0 = p * x_k / (1 + sigma_k) with x_k under stop-gradient: d sum(x0)/dp = sum(x0) / p
         np.testing.assert_allclose(grad, jnp.sum(x0) / 1.5, rtol=1e-5)
         if k == 0:  # pure noise at sigma_0

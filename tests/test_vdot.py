@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from didistill.configs import digits_distill, toy2d
-from didistill.distill import get_method
 from didistill.distill.one_step import method as one_step
 from didistill.distill.one_step import vdot
 from tests.teachers import random_data, save_tiny_unet_teacher

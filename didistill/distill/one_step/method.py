@@ -1,4 +1,5 @@
-"""One-step distillation of an EDM teacher: f-distill, DMD2, Diff-Instruct, SiD, Uni-Instruct.
+"""One-step distillation of an EDM teacher: f-distill, DMD2, Diff-Instruct, SiD, Uni-Instruct,
+VDOT; each as a one-step or a K-step student.
 
 Three networks share the teacher's denoiser architecture `D(x; sigma)`:
 - the generator `G(z) = D_theta(sigma_g z; sigma_g)`, `z ~ N(0, I)`, initialised from the teacher
@@ -36,7 +37,7 @@ Methods (`config.method`):
 | diff_instruct | same, unit time weight | reverse_kl | no |
 | sid | SiD, gradients through the networks' inputs | (reverse KL) | no |
 | uni_instruct | h-weighted SiD + DI term from grad h | any registered | yes |
-| vdot | DMD + OT direction (Sinkhorn) between fake-score and teacher predictions | reverse_kl | yes |
+| vdot | DMD + OT direction (Sinkhorn), fake score to teacher | reverse_kl | yes |
 
 The methods differ only in their row of `one_step.table.METHODS`.
 
