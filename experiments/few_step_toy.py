@@ -6,7 +6,8 @@ Every run is an ordinary engine run of `configs/toy2d.py` (`--steps` generator s
 its 1,000; batch 256)
 with `config.generator.num_steps = K` (`didistill/distill/one_step/few_step.py`: DMD2's
 backward simulation), in `<workdir>/<method>_k<K>_seed<s>/`; finished runs are reused and
-interrupted ones resumed. Runs go seed by seed (all entries at seed 0 first), and the table is
+interrupted ones resumed (`--report_only` tabulates the finished runs and trains nothing).
+Runs go seed by seed (all entries at seed 0 first), and the table is
 rewritten after every run, so a partial sweep still reports what finished. Writes
 `results.md` (mean ± sample std over the finished seeds, with the teacher row),
 `results.json` (every run's final metrics) and `samples.png` (seed 0).
@@ -71,7 +72,7 @@ def _row(label, nfe, runs, prefix):
 def table(results) -> str:
     header = "| method | NFE | seeds | " + " | ".join(title for _, title in COLUMNS) + " |"
     lines = [header, "|" + "---|" * (len(COLUMNS) + 3)]
-    teacher = [m for runs in results.values() for m in runs]
+    teacher = next(iter(results.values()), [])  # the first entry's runs: one per seed
     if teacher:
         lines.append(_row("EDM teacher (Heun)", teacher[0]["teacher/nfe"], teacher, "teacher"))
     for (label, arg), k in ((e, k) for e in ENTRIES for k in STEPS):
@@ -120,6 +121,11 @@ def main(argv=None) -> None:
         "--first_seed", type=int, default=0, help="train seeds first_seed..seeds-1 only"
     )
     parser.add_argument("--steps", type=int, default=None, help="generator steps per run")
+    parser.add_argument(
+        "--report_only",
+        action="store_true",
+        help="train nothing: tabulate the finished runs (their eval.json) of the workdir",
+    )
     common.add_cache_flag(parser)
     args = parser.parse_args(argv)
     if args.seeds < 1:
@@ -131,6 +137,19 @@ def main(argv=None) -> None:
     common.quiet_logs()
     start = time.time()
     results = {}
+    if args.report_only:
+        import json
+
+        for seed in range(args.seeds):
+            for _, arg in ENTRIES:
+                for k in STEPS:
+                    path = os.path.join(run_dir(args.workdir, arg, k, seed), "eval.json")
+                    if os.path.isfile(path):
+                        with open(path) as f:
+                            results.setdefault(f"{arg}_k{k}", []).append(json.load(f))
+        save_picture(args.workdir)
+        print(write_outputs(args.workdir, results, 0.0))
+        return
     for seed in range(args.first_seed, args.seeds):
         for _, arg in ENTRIES:
             for k in STEPS:
