@@ -27,6 +27,7 @@ over the devices) is one line `didistill.evaluate: error: ...` and exit status 1
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -84,6 +85,11 @@ def _generator(config):
             "(config.data.kind='images'): didistill.evaluate evaluates those"
         )
     generator, _ = from_network_file(config.teacher.checkpoint, config.generator.sigma)
+    generator = dataclasses.replace(
+        generator,
+        num_steps=int(config.generator.get("num_steps", 1)),
+        sigma_min=float(config.distill.sigma_min),
+    )
     dtype = config.get("model", {}).get("compute_dtype", "float32")
     return generator.with_dtype(dtype)
 

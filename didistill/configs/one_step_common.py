@@ -71,6 +71,7 @@ def distill_block(method, divergence, critic_steps, gan_weight, **overrides):
         generator_freeze_images=0,  # before: the generator is not updated (UI: 100k)
         critic_grad_clip=0.0,  # > 0: critic gradients nan_to_num'ed and clipped by value (UI: 1)
     )
+    block.update(spec.extra)  # the method's own keys (VDOT's OT settings)
     block.update(overrides)
     return ml_collections.ConfigDict(block)
 
@@ -121,7 +122,11 @@ def image_distill_config(method, divergence, flags):
         dict(checkpoint=assets.path("digits/teacher.msgpack"), score="network")
     )
     config.generator = ml_collections.ConfigDict(
-        dict(kind="unet", init="scratch" if "scratch" in flags else "teacher")
+        dict(
+            kind="unet",
+            init="scratch" if "scratch" in flags else "teacher",
+            num_steps=table.METHODS[method].num_steps,  # K > 1: a K-step student (few_step.py)
+        )
     )
     # z ~ N(0, sigma_g^2 I) at sigma_g: 80 = sigma_max (DMD2, FastGen), 2.5 (SiD, Uni-Instruct).
     config.generator.sigma = table.METHODS[method].sigma_g

@@ -2,7 +2,8 @@
 
     --config=toy2d:jensen_shannon          f-distill with a registered divergence
     --config=toy2d:dmd2                    a named method (dmd2, diff_instruct, sid,
-                                                      uni_instruct; uni_instruct,forward_kl)
+                                                      uni_instruct, vdot; uni_instruct,forward_kl)
+    --config=toy2d:dmd2 --config.generator.num_steps=4   a 4-step student
     --config=toy2d:forward_kl,scratch      generator initialised from scratch
     --config=toy2d:forward_kl,smoke        tiny run for tests
     --config=toy2d:exact                   affine generator with exact ratios (oracle)
@@ -15,6 +16,7 @@ import ml_collections
 
 from didistill import assets
 from didistill.configs import base, one_step_common
+from didistill.distill.one_step import table
 
 FLAGS = ("smoke", "scratch", "exact")
 
@@ -27,7 +29,9 @@ def get_config(arg=None):
     config.teacher = ml_collections.ConfigDict(
         dict(checkpoint=assets.path("toy/ring8_teacher.msgpack"), score="network")
     )
-    config.generator = ml_collections.ConfigDict(dict(kind="mlp", init="teacher", sigma=2.5))
+    config.generator = ml_collections.ConfigDict(
+        dict(kind="mlp", init="teacher", sigma=2.5, num_steps=table.METHODS[method].num_steps)
+    )  # num_steps K > 1: a K-step student (one_step/few_step.py: DMD2's backward simulation)
     config.discriminator = ml_collections.ConfigDict(
         dict(features="teacher", width=128, depth=2, head_width=128)
     )
@@ -37,6 +41,8 @@ def get_config(arg=None):
     config.distill = one_step_common.distill_block(
         method, divergence, critic_steps=3, gan_weight=1e-2, gan_recipe="fastgen"
     )
+    if "ot_features" in config.distill:  # VDOT: the 2-D samples of a batch are the points
+        config.distill.ot_features = "batch"
     one_step_common.optimizers(config, learning_rate=5e-4, b1=0.0, b2=0.99)
     config.ema_decay = 0.99
     config.eval = ml_collections.ConfigDict(dict(num_samples=4000, teacher_nfe=35))

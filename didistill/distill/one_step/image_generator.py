@@ -2,6 +2,7 @@
 
     G(z, y) = D_theta(sigma_g z; sigma_g, y),  z ~ N(0, I) [B, H, W, C],  y in {0..K-1} or None
 
+(or, with `num_steps = K > 1`, the K-step sampler of `one_step.few_step` over the same D_theta)
 with D_theta an EDM-preconditioned U-Net (DDPM++ 'unet' or 'adm') of the teacher's
 architecture. `ImageGenerator` holds the architecture (a Flax module), sigma_g and the image
 shape; the parameters stay separate (a pytree), so the same object samples with the EMA
@@ -45,6 +46,8 @@ class ImageGenerator:
     sigma: float  # sigma_g
     image_shape: tuple[int, int, int]  # (H, W, C)
     net_cfg: dict  # the 'net' meta of the teacher file (with 'arch')
+    num_steps: int = 1  # K > 1: a K-step student (`one_step.few_step`)
+    sigma_min: float = 0.002  # the last step's noise level scale of `few_step.step_sigmas`
 
     @property
     def num_classes(self) -> int:
@@ -53,10 +56,21 @@ class ImageGenerator:
     def with_dtype(self, name: str) -> ImageGenerator:
         return dataclasses.replace(self, net=self.net.clone(dtype=compute_dtype(name)))
 
-    def __call__(self, params, z, labels=None):
-        """x0 [B, H, W, C] (float32) of noise z [B, H, W, C] and labels [B] (or None)."""
+    def step(self, params, x, sigma, labels=None):
+        """One generator step: D_theta(x; sigma, y), x [B, H, W, C], sigma [B]."""
+        return self.net.apply(params, x, sigma, labels)
+
+    def __call__(self, params, z, labels=None, key=None):
+        """x0 [B, H, W, C] (float32) of noise z [B, H, W, C] and labels [B] (or None); a K-step
+        student draws its renoising noise from `key` (default: a fixed key)."""
+        if self.num_steps > 1:
+            from didistill.distill.one_step import few_step
+
+            sigmas = few_step.step_sigmas(self.sigma, self.num_steps, self.sigma_min)
+            key = jax.random.PRNGKey(0) if key is None else key
+            return few_step.sample(self.step, params, z, sigmas, key, labels)
         n = z.shape[0]
-        return self.net.apply(params, self.sigma * z, jnp.full((n,), self.sigma), labels)
+        return self.step(params, self.sigma * z, jnp.full((n,), self.sigma), labels)
 
     def sample(self, params, key, n: int, labels=None):
         """(images [n, H, W, C], labels [n] or None): fresh noise and, if conditional and
@@ -65,7 +79,7 @@ class ImageGenerator:
         z = jax.random.normal(k_z, (n, *self.image_shape))
         if self.num_classes and labels is None:
             labels = jax.random.randint(k_y, (n,), 0, self.num_classes)
-        return self(params, z, labels), labels
+        return self(params, z, labels, jax.random.fold_in(key, 1)), labels
 
 
 def from_network_file(path: str, sigma: float) -> tuple[ImageGenerator, Any]:
@@ -83,7 +97,12 @@ def save_generator(path: str, generator: ImageGenerator, params, **meta) -> str:
     """Writes the generator's parameters and architecture (see the module); returns `path`."""
     cfg = {k: v for k, v in generator.net_cfg.items() if k != "arch"}
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), jax.device_get(params))
-    info = {"sigma": generator.sigma, "kind": KIND}
+    info = {
+        "sigma": generator.sigma,
+        "kind": KIND,
+        "num_steps": generator.num_steps,
+        "sigma_min": generator.sigma_min,
+    }
     return save_model(path, params, cfg, generator.net_cfg["arch"], generator=info, **meta)
 
 
@@ -103,7 +122,15 @@ def load_generator(path: str) -> tuple[ImageGenerator, Any, dict]:
     cfg = meta["net"]
     res = int(cfg.get("img_resolution", 32))
     shape = (res, res, int(cfg.get("img_channels", 3)))
-    return ImageGenerator(net, float(info["sigma"]), shape, dict(cfg)), params, meta
+    generator = ImageGenerator(
+        net,
+        float(info["sigma"]),
+        shape,
+        dict(cfg),
+        int(info.get("num_steps", 1)),
+        float(info.get("sigma_min", 0.002)),
+    )
+    return generator, params, meta
 
 
 __all__ = [

@@ -9,6 +9,7 @@
 - generator: G(z, y) = D_theta(sigma_g z; sigma_g, y), z ~ N(0, I) [B, H, W, C], with
   sigma_g = `config.generator.sigma` (80 = sigma_max in DMD2 / FastGen, 2.5 in SiD /
   Uni-Instruct), initialised from the teacher (`generator.init = 'scratch'`: random);
+  with `config.generator.num_steps = K > 1` a K-step student (`one_step.few_step`);
   class labels y ~ U{0..K-1} when the teacher is class-conditional (K = label_dim > 0),
   returned as `cond`; None for an unconditional teacher;
 - fake score: the same architecture, initialised from the teacher;
@@ -21,7 +22,7 @@
   still flow through the frozen teacher into the input image, for the generator's GAN loss;
 - batches: {'x': [B, critic_steps, H, W, C], 'label': [B, critic_steps]} from
   `images.image_batches` (the label only for a conditional teacher);
-- evaluate: `samples.png` and `samples.npy` (student, 1 NFE, [N, H, W, C], labels cycling
+- evaluate: `samples.png` and `samples.npy` (student, K NFE, [N, H, W, C], labels cycling
   0..K-1) and `teacher_samples.png` (Heun at `config.eval.teacher_nfe`; 0 skips the teacher),
   with the pixel std of both; and, if `config.eval.feature_checkpoint`
   names an existing digits classifier, the feature FID of both against the test split
@@ -122,14 +123,20 @@ def build(config) -> OneStepParts:
         _, feats = net.apply(trunk, x, sigma, cond, features=True)  # {r: [B, r, r, C]}
         return head.apply(params, {r: feats[r] for r in disc_cfg.resolutions})
 
-    student = ImageGenerator(net, sigma_g, tuple(image_shape), {})
-    generate_from = student.__call__  # (params, z [n, H, W, C], labels [n] or None) -> x0
+    num_steps = int(g_cfg.get("num_steps", 1))
+    student = ImageGenerator(net, sigma_g, tuple(image_shape), {}, num_steps, d.sigma_min)
+    generator_step = student.step  # (params, x [n, H, W, C], sigma [n], labels) -> x0
+    generate_from = student.__call__  # (params, z, labels, key=None) -> x0 after K steps
 
-    def generate(params, key, n):  # -> (x0 [n, H, W, C], labels [n] or None)
+    def latent(key, n):  # -> (z [n, H, W, C], labels [n] or None)
         k_z, k_y = jax.random.split(key)
         z = jax.random.normal(k_z, (n, *image_shape))
         labels = jax.random.randint(k_y, (n,), 0, num_classes) if num_classes else None
-        return generate_from(params, z, labels), labels
+        return z, labels
+
+    def generate(params, key, n):  # -> (x0 [n, H, W, C], labels [n] or None)
+        z, labels = latent(key, n)
+        return generate_from(params, z, labels, jax.random.fold_in(key, 1)), labels
 
     def init_params(key):
         k_g, k_h = jax.random.split(key)
@@ -180,7 +187,10 @@ def build(config) -> OneStepParts:
         n, chunk = config.eval.num_samples, config.eval.batch_size
         labels = np.arange(n) % num_classes if num_classes else None  # classes in turn
         z = np.asarray(jax.random.normal(key, (n, *image_shape)))
-        samplers = {"student": sample_student}
+        k_steps = jax.random.fold_in(key, 1)  # the K-step student's renoising noise
+        samplers = {
+            "student": lambda p, z, lab: sample_student(p, z, lab, jax.random.fold_in(k_steps, s))
+        }
         if teacher_nfe:
             samplers["teacher"] = lambda _, z, lab: sample_teacher(z, lab)
         samples = {name: [] for name in samplers}
@@ -189,7 +199,7 @@ def build(config) -> OneStepParts:
             for name, sampler in samplers.items():
                 samples[name].append(np.asarray(sampler(params, z[s : s + chunk], lab)))
         samples = {name: np.concatenate(x) for name, x in samples.items()}
-        results = {"student/nfe": 1}
+        results = {"student/nfe": num_steps}
         if teacher_nfe:
             results["teacher/nfe"] = edm.heun_nfe(heun_steps)
         fid_fn = fid.classifier_fid(config)
@@ -243,6 +253,8 @@ def build(config) -> OneStepParts:
         batches=batches,
         evaluate=evaluate,
         periodic_evaluate=periodic_evaluate,
+        generator_step=generator_step,
+        latent=latent,
     )
 
 

@@ -1,4 +1,5 @@
-"""One-step distillation of an EDM teacher: f-distill, DMD2, Diff-Instruct, SiD, Uni-Instruct.
+"""One-step distillation of an EDM teacher: f-distill, DMD2, Diff-Instruct, SiD, Uni-Instruct,
+VDOT; each as a one-step or a K-step student.
 
 Three networks share the teacher's denoiser architecture `D(x; sigma)`:
 - the generator `G(z) = D_theta(sigma_g z; sigma_g)`, `z ~ N(0, I)`, initialised from the teacher
@@ -36,12 +37,19 @@ Methods (`config.method`):
 | diff_instruct | same, unit time weight | reverse_kl | no |
 | sid | SiD, gradients through the networks' inputs | (reverse KL) | no |
 | uni_instruct | h-weighted SiD + DI term from grad h | any registered | yes |
+| vdot | DMD + OT direction (Sinkhorn), fake score to teacher | reverse_kl | yes |
 
 The methods differ only in their row of `one_step.table.METHODS`.
 
 `distill.ratio = 'exact'` replaces the discriminator's ratio and the fake score by the exact
 noised densities of an affine Gaussian generator (`generator.kind = 'affine'`) and the exact
 toy teacher: an oracle for testing the estimators, not for real runs.
+
+`config.generator.num_steps = K > 1` makes every method a K-step student
+(`one_step.few_step`): its training samples come from DMD2's backward simulation (a random
+step k per batch, the student's steps before k run without gradients), for the generator's
+loss and the critics alike; evaluation samples with all K steps (NFE = K). K = 1 is the
+one-step generator, unchanged.
 """
 
 from __future__ import annotations
@@ -53,7 +61,7 @@ import jax
 import jax.numpy as jnp
 
 from didistill import divergences
-from didistill.distill.one_step import losses, noise, table
+from didistill.distill.one_step import few_step, losses, noise, table
 from didistill.distill.one_step.parts import OneStepParts
 from didistill.train.method import Method
 from didistill.train.optim import apply_gradients, ema_update, make_optimizer
@@ -96,6 +104,27 @@ def validate(config) -> None:
             "config.distill.ratio='exact' needs config.generator.kind='affine' and "
             "config.teacher.score='exact' (the only case with exact student and teacher densities)"
         )
+    num_steps = config.generator.get("num_steps", 1)
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"config.generator.num_steps must be an int >= 1, got {num_steps!r}")
+    if num_steps > 1 and (config.generator.get("kind") == "affine" or cfg.ratio == "exact"):
+        raise ValueError(
+            "config.generator.num_steps > 1 needs a network generator (not kind='affine' or "
+            "distill.ratio='exact'); set config.generator.num_steps=1"
+        )
+    if "ot_features" in cfg:
+        from didistill.distill.one_step import vdot
+
+        if cfg.ot_features not in vdot.OT_FEATURES:
+            raise ValueError(
+                f"config.distill.ot_features={cfg.ot_features!r} is not one of {vdot.OT_FEATURES}"
+            )
+        if cfg.ot_features == "pixels" and config.data.get("kind", "toy") == "toy":
+            raise ValueError(
+                "config.distill.ot_features='pixels' needs images; use 'batch' on the toy"
+            )
+        if int(cfg.ot_iterations) < 1 or float(cfg.ot_epsilon) <= 0:
+            raise ValueError("config.distill.ot_iterations must be >= 1 and ot_epsilon > 0")
     if cfg.critic_steps < 0:
         raise ValueError(f"config.distill.critic_steps must be >= 0, got {cfg.critic_steps}")
     if not 0 <= cfg.min_index < cfg.max_index < cfg.num_sigmas:
@@ -185,6 +214,18 @@ def make_method(config) -> Method:
     gan_time_weight = cfg.get("gan_time_weight", "none")
     sida = cfg.get("gan_recipe", "fastgen") == "sida"
     reverse_kl = divergences.get("reverse_kl")
+    num_steps = int(config.generator.get("num_steps", 1))
+    step_sigmas = few_step.step_sigmas(config.generator.sigma, num_steps, cfg.sigma_min)
+
+    def generate(params, key, n):  # the training sample: DMD2's backward simulation when K > 1
+        if num_steps == 1:
+            return parts.generate(params, key, n)
+        k_z, k_sim = jax.random.split(key)
+        z, cond = parts.latent(k_z, n)
+        x0, _ = few_step.backward_simulation(
+            parts.generator_step, params, z, step_sigmas, k_sim, cond
+        )
+        return x0, cond
 
     def sanitize(grads):
         return sanitize_gradients(grads, critic_clip)
@@ -217,7 +258,7 @@ def make_method(config) -> Method:
     def critic_update(state, real, real_cond, key):
         """One fake-score DSM step and one discriminator step on fresh generator samples."""
         k_gen, k_fake, k_real, k_disc = jax.random.split(key, 4)
-        x0, cond = parts.generate(state.generator, k_gen, real.shape[0])
+        x0, cond = generate(state.generator, k_gen, real.shape[0])
         x0 = shard_batch(jax.lax.stop_gradient(x0))
         xt, sigma, _ = noised(k_fake, x0, sample_fake_sigma)
 
@@ -280,7 +321,7 @@ def make_method(config) -> Method:
 
     def generator_loss(g_params, state, key, images_seen):
         k_gen, k_noise = jax.random.split(key)
-        x0, cond = parts.generate(g_params, k_gen, parts.batch_size)
+        x0, cond = generate(g_params, k_gen, parts.batch_size)
         x0 = shard_batch(x0)
         xt, sigma, bins = noised(k_noise, x0)
         d_teacher = parts.teacher_denoise(xt, sigma, cond)

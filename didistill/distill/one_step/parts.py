@@ -15,7 +15,9 @@ class OneStepParts(NamedTuple):
     sigma_data: float
     batch_size: int  # global batch
     init_params: Callable  # key -> (generator, fake_score, discriminator) params
-    generate: Callable  # (generator params, key, n) -> (x0 [n, ...], cond [n] or None)
+    # (generator params, key, n) -> (x0 [n, ...], cond [n] or None): the student's sample with
+    # all its `config.generator.num_steps` steps (`one_step.few_step.sample`)
+    generate: Callable
     denoise: Callable  # (params, x, sigma, cond) -> D(x; sigma) with the shared architecture
     teacher_denoise: Callable  # (x, sigma, cond) -> D_phi(x; sigma), frozen
     # (params, x, sigma, cond, fake_score params) -> logit [B] (or [B, heads]) estimating
@@ -27,6 +29,9 @@ class OneStepParts(NamedTuple):
     evaluate: Callable  # (generator EMA params, key, workdir) -> flat dict of metrics
     # (generator EMA params, key, workdir, step) -> metrics for metrics.jsonl, or None
     periodic_evaluate: Callable | None = None
+    # few-step students (`one_step.few_step`): one generator step and the latent of a sample
+    generator_step: Callable | None = None  # (params, x, sigma [B], cond) -> x0
+    latent: Callable | None = None  # (key, n) -> (z [n, ...] ~ N(0, I), cond [n] or None)
 
 
 __all__ = ["OneStepParts"]

@@ -23,6 +23,10 @@ A row says what distinguishes a method inside the shared engine (`one_step.metho
   noise, plain logistic loss) or 'sida' (SiDA / Uni-Instruct: the head reads the fake score's
   encoder, which the discriminator loss trains too; real and fake at the same sigma and noise;
   the loss scaled by the batch mean of EDM's lambda / 2);
+- `num_steps`: the default of `config.generator.num_steps` (K-step student, `one_step.few_step`):
+  1, or 4 for VDOT (its `denoising_step_list` [1000, 750, 500, 250]);
+- `extra`: `(key, value)` pairs added to `config.distill` for this method only (VDOT's OT
+  keys, `one_step.vdot`);
 - `noise`, `fake_score_noise`, `fake_score_weight`: the config defaults of the generator's and
   the fake score's noise samplers (`one_step.noise`) and of the fake-score loss weighting
   (`losses.fake_score_loss`), as in each reference code: FastGen draws both from its Karras
@@ -39,7 +43,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
-from didistill.distill.one_step import losses
+from didistill.distill.one_step import losses, vdot
 
 
 class OneStepMethod(NamedTuple):
@@ -55,6 +59,8 @@ class OneStepMethod(NamedTuple):
     fake_score_weight: str = "none"
     gan_time_weight: str = "none"
     gan_recipe: str = "fastgen"
+    num_steps: int = 1
+    extra: tuple = ()
 
     @property
     def uses_ratio(self) -> bool:
@@ -88,6 +94,25 @@ def _uni_instruct(x0, sigma, d_teacher, d_fake, log_r, divergence, cfg):
     )
 
 
+def _vdot(x0, sigma, d_teacher, d_fake, log_r, divergence, cfg):
+    del sigma
+    return vdot.vdot_generator_loss(x0, d_teacher, d_fake, log_r, divergence, cfg)
+
+
+# VDOT (hhhh1138/VDOT 95d8ad6, training/model/bi_dmd_gan.py): 0.2 DMD + 0.8 OT (line 630), OT
+# step 0.1 (496), Sinkhorn eps 0.1 and 60 iterations (420-421), 2x2 pooling (336), pixels of each
+# frame as the points (299-301); its GAN weight (gan_g_weight 0.1, configs/self_forcing_bi_gan
+# .yaml) is not carried over: the configs' gan_weight is every method's.
+_VDOT_KEYS = (
+    ("dmd_weight", 0.2),
+    ("ot_weight", 0.8),
+    ("ot_step", 0.1),
+    ("ot_epsilon", 0.1),
+    ("ot_iterations", 60),
+    ("ot_features", "pixels"),  # the toy configs use 'batch' (2-D samples have no pixels)
+    ("ot_downsample", 2),
+)
+
 # SiD `generator_loss` (u ~ U[0, tmax/1000)) and SiD's / EDM's fake-score loss (lognormal, lambda)
 _SID_NOISE = dict(recipe="sid", noise="sid", fake_score_noise="lognormal", fake_score_weight="edm")
 # Diff-Instruct `DI_EDMLoss.gloss` and `__call__`: lognormal(-1.2, 1.2) for both networks
@@ -116,6 +141,8 @@ METHODS: dict[str, OneStepMethod] = {
         gan_recipe="sida",
         **_SID_NOISE,
     ),
+    # VDOT: DMD (reverse KL) + an OT direction between fake-score and teacher predictions, GAN
+    "vdot": OneStepMethod(_vdot, "reverse_kl", gan=True, num_steps=4, extra=_VDOT_KEYS),
 }
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from didistill.data import toy
 from didistill.diffusion import edm
+from didistill.distill.one_step import few_step
 from didistill.distill.one_step.parts import OneStepParts
 from didistill.distill.teachers.toy import load_teacher_denoiser
 from didistill.eval import plots
@@ -102,7 +103,19 @@ def build(config) -> OneStepParts:
             _, feats = net.apply(trunk, x, sigma, features=True)
         return head.apply(params["head"], feats)
 
-    def generate(params, key, n):  # -> (x0 [n, D], cond None)
+    num_steps = int(g_cfg.get("num_steps", 1))
+    sigmas = few_step.step_sigmas(sigma_g, num_steps, d.sigma_min)
+
+    def generator_step(params, x, sigma, cond=None):
+        return net.apply(params, x, sigma)
+
+    def latent(key, n):
+        return jax.random.normal(key, (n, dim)), None
+
+    def generate(params, key, n):  # -> (x0 [n, D], cond None), with all num_steps steps
+        if num_steps > 1:
+            k_z, k_steps = jax.random.split(key)
+            return few_step.sample(generator_step, params, latent(k_z, n)[0], sigmas, k_steps), None
         z = jax.random.normal(key, (n, dim))
         if g_cfg.kind == "affine":
             return z @ params["A"] + params["b"], None
@@ -146,7 +159,7 @@ def build(config) -> OneStepParts:
         n = config.eval.num_samples
         student = sample_student(params, k_student, n)
         teacher = teacher_sampler(jax.random.normal(k_teacher, (n, dim)))
-        results = {"student/nfe": 1, "teacher/nfe": config.eval.teacher_nfe}
+        results = {"student/nfe": num_steps, "teacher/nfe": config.eval.teacher_nfe}
         for name, samples in (("student", student), ("teacher", teacher)):
             metrics = dict(toy_metrics(samples, mixture, k_metric))
             metrics.update(rare_mode_share(samples, mixture))
@@ -158,7 +171,7 @@ def build(config) -> OneStepParts:
             {
                 "data": reference,
                 f"teacher ({config.eval.teacher_nfe} NFE)": teacher,
-                "student (1 NFE)": student,
+                f"student ({num_steps} NFE)": student,
             },
             os.path.join(workdir, "samples.png"),
             mixture=mixture,
@@ -177,6 +190,8 @@ def build(config) -> OneStepParts:
         exact_log_ratio=exact_log_ratio,
         batches=batches,
         evaluate=evaluate,
+        generator_step=generator_step,
+        latent=latent,
     )
 
 
