@@ -19,6 +19,7 @@ from didistill.configs import toy2d  # run from the repository root (`make demo`
 from didistill.data import toy
 from didistill.distill import get_method
 from didistill.eval import plots
+from didistill.train.files import write_text_atomic
 from didistill.train.loop import train
 
 DEFAULT_METHODS = ("dmd2", "forward_kl", "jensen_shannon", "uni_instruct,forward_kl")
@@ -76,8 +77,7 @@ def run(workdir: str, entries, quick: bool) -> str:
         os.path.join(workdir, "metrics.png"),
         title="energy distance to the data (1-step students)",
     )
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(table + "\n")
+    write_text_atomic(os.path.join(workdir, "results.md"), table + "\n")  # never half-written
     return table
 
 
