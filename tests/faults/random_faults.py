@@ -12,8 +12,9 @@ steps). Until the run finishes, the runner starts it again and again and injects
   start-up (a random time after the start), during training (when metrics.jsonl reaches a
   random line, plus up to 0.1 s), or during the final evaluation (a random time after the last
   line);
-- between starts: a bit flip in the array data of the newest checksummed checkpoint, a cut
-  metrics.jsonl tail, a truncated eval.json, or a stale run.lock of a dead process.
+- between starts: a bit flip in the array data of the newest checksummed checkpoint, a torn
+  line at the end of metrics.jsonl (what a kill while writing it leaves), a truncated
+  eval.json, or a stale run.lock of a dead process.
 
 A run that stops because every checkpoint was corrupt ("no usable checkpoint", by design it
 does not restart from step 0 on its own) is restarted with `--restart`, as its message says.
@@ -21,7 +22,7 @@ Then metrics.jsonl (without timing keys) and eval.json are compared with an undi
 The table: faults injected (by kind, and kill points by phase), runs recovered, results
 identical, data lost (a run whose results differ from the undisturbed one, or that did not
 finish within MAX_STARTS starts), unexpected exits (an exit code other than 0, a signal's,
-130, or the designed stop above).
+130, or the designed stop above). The first difference of a run that differs is printed.
 
 Every start shares one persistent JAX compilation cache (`JAX_COMPILATION_CACHE_DIR`, warmed by
 the undisturbed run and one resumed run), so a start spends its time starting Python and
@@ -92,6 +93,7 @@ class Runner:
         self.env.pop("DIDISTILL_DEBUG", None)
         self.counts = collections.Counter()
         self.errors: list[str] = []
+        self.differences: list[str] = []
 
     def start(self, workdir, *extra):
         self.counts["starts"] += 1
@@ -114,7 +116,7 @@ class Runner:
     def damage(self, workdir) -> str | None:
         """Damages the stopped run's files; returns the fault's name (None: nothing done)."""
         rng = self.rng
-        choice = rng.choice(["bit_flip", "truncate_metrics", "stale_lock", "truncate_eval"])
+        choice = rng.choice(["bit_flip", "torn_metrics", "stale_lock", "truncate_eval"])
         if choice == "bit_flip":
             steps = [int(n) for n in _listdir(f"{workdir}/checkpoints") if n.isdigit()]
             if not steps:
@@ -132,13 +134,13 @@ class Runner:
                 f.seek(0)
                 f.write(data)
             return "bit flip in a checkpoint"
-        if choice == "truncate_metrics":
+        if choice == "torn_metrics":
             path = f"{workdir}/metrics.jsonl"
-            if not os.path.exists(path) or os.path.getsize(path) < 10:
+            if not os.path.exists(path):
                 return None
-            with open(path, "r+b") as f:
-                f.truncate(int(os.path.getsize(path) - rng.integers(1, 10)))
-            return "cut metrics.jsonl tail"
+            with open(path, "a") as f:  # what a kill in the middle of writing a line leaves
+                f.write('{"step": 999, "loss": 0.12'[: int(rng.integers(1, 27))])
+            return "torn line at the end of metrics.jsonl"
         if choice == "stale_lock":
             if not os.path.isdir(workdir):
                 return None
@@ -222,10 +224,12 @@ class Runner:
             counts["lost"] += 1
             return
         counts["recovered"] += 1
-        if _results(workdir) == reference:
+        results = _results(workdir)
+        if results == reference:
             counts["identical"] += 1
         else:
             counts["lost"] += 1
+            self.differences.append(f"{workdir}: {_difference(results, reference)}")
 
 
 def _listdir(path) -> list[str]:
@@ -239,6 +243,17 @@ def _results(workdir):
     metrics = writers.comparable_metrics(workdir)  # without the timing keys
     with open(os.path.join(workdir, "eval.json")) as f:
         return metrics, json.load(f)
+
+
+def _difference(results, reference) -> str:
+    (metrics, evaluation), (want_metrics, want_eval) = results, reference
+    if evaluation != want_eval:
+        return "eval.json"
+    got = {line.get("step"): line for line in metrics}
+    for line in want_metrics:
+        if got.get(line["step"]) != line:
+            return f"metrics.jsonl line of step {line['step']}"
+    return f"metrics.jsonl has {len(metrics)} lines, not {len(want_metrics)}"
 
 
 def _lines(workdir) -> int:
@@ -325,6 +340,8 @@ def main(argv=None) -> int:
         print(f"| {name} | {value} |")
     for error in runner.errors[:10]:
         print("unexpected exit:", error, file=sys.stderr)
+    for difference in runner.differences[:10]:
+        print("results differ:", difference, file=sys.stderr)
     return 0 if c["lost"] == 0 and c["identical"] == runs and not runner.errors else 1
 
 
