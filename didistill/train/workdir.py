@@ -296,11 +296,18 @@ class WorkdirLock:
         return None
 
     def _locked_error(self) -> WorkdirLockedError:
+        dead = (
+            "a lock of a dead process is taken over by itself"
+            if self.kind == "flock"
+            else f"on this host a lock of a dead process is taken over at once, from another "
+            f"host once its heartbeat is {self.STALE_S:.0f} s old; delete the file if that run "
+            "is dead and you cannot wait"
+        )
         return WorkdirLockedError(
             f"--workdir={self.path.rpartition('/')[0]} is in use by "
             f"{self._describe(self.path)}: two runs in one workdir would overwrite each "
             f"other. Wait for it to finish or stop it, or use another --workdir. (The "
-            f"lock is {self.path}; a lock of a dead process is taken over by itself.)"
+            f"lock is {self.path}; {dead}.)"
         )
 
     def _info(self) -> dict:
