@@ -83,9 +83,7 @@ def format_metrics(metrics: Mapping[str, Any]) -> str:
 
 def write_json(path: str, obj: Any) -> None:
     """Writes `obj` as indented JSON, atomically (temp file, fsync, rename)."""
-    from didistill.train.workdir import write_text_atomic
-
-    write_text_atomic(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=True) + "\n")
+    files.write_text_atomic(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path: str) -> Any:

@@ -1,7 +1,7 @@
 """`make faults`: randomized fault injection on real `python -m didistill.main` runs.
 
     python -m tests.faults.random_faults [--config toy|dummy] [--runs 40] [--budget_s 1500]
-                                         [--seed 0]
+                                         [--jobs 1] [--seed 0]
 
 Each run is a small real run in a fresh workdir: `--config toy` (default) is the one-step
 f-distill student of the shipped 8-mode ring teacher (`toy2d:forward_kl,smoke`, 24 steps, a
@@ -26,7 +26,9 @@ finish within MAX_STARTS starts), unexpected exits (an exit code other than 0, a
 
 Every start shares one persistent JAX compilation cache (`JAX_COMPILATION_CACHE_DIR`, warmed by
 the undisturbed run and one resumed run), so a start spends its time starting Python and
-loading, not compiling: on an idle 2-core machine a toy start takes about 8 s instead of 40 s.
+loading, not compiling: a whole `toy2d:forward_kl,smoke` run took 11 s of wall time instead of
+42 s on this 2-core machine when it was nearly idle (load average 1).
+`--jobs N` disturbs N runs at the same time (one process each), for machines with more cores.
 (NaN checkpoints, read errors, disk full, read-only workdirs and config mismatches are covered
 one by one in tests/faults/test_faults.py.)
 """
@@ -43,6 +45,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -286,43 +289,72 @@ def _warm_up(runner: Runner, root: str) -> tuple | None:
     return _results(ref_dir)
 
 
+def _disturb(runners, reference, root, args, start) -> int:
+    """Runs `one_run` on `len(runners)` threads (one subprocess each at a time) until `--runs`
+    runs or `--budget_s`; returns the number of runs done."""
+    lock = threading.Lock()
+    state = {"next": 0, "done": 0}
+
+    def worker(runner):
+        while True:
+            with lock:
+                if state["next"] >= args.runs or time.monotonic() - start >= args.budget_s:
+                    return
+                index = state["next"]
+                state["next"] += 1
+            runner.one_run(os.path.join(root, f"run{index}"), reference)
+            with lock:
+                state["done"] += 1
+                c = sum((r.counts for r in runners), collections.Counter())
+                print(
+                    f"run {state['done']}: {c['faults']} faults, {c['starts']} starts, "
+                    f"{c['identical']} identical, {c['lost']} lost "
+                    f"({time.monotonic() - start:.0f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+    threads = [threading.Thread(target=worker, args=(r,), daemon=True) for r in runners]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return state["done"]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="toy")
     parser.add_argument("--runs", type=int, default=40, help="runs to disturb (each ~5 faults)")
     parser.add_argument("--budget_s", type=float, default=1500, help="stop starting new runs")
+    parser.add_argument("--jobs", type=int, default=1, help="runs disturbed at the same time")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.runs < 1 or args.budget_s <= 0:
-        parser.error("--runs must be >= 1 and --budget_s > 0")
+    if args.runs < 1 or args.budget_s <= 0 or args.jobs < 1:
+        parser.error("--runs and --jobs must be >= 1 and --budget_s > 0")
     start = time.monotonic()
     root = tempfile.mkdtemp(prefix="didistill_faults_")
-    runner = Runner(args.config, root, np.random.default_rng(args.seed))
+    runners = [
+        Runner(args.config, root, np.random.default_rng(args.seed if j == 0 else (args.seed, j)))
+        for j in range(args.jobs)
+    ]
     try:
-        reference = _warm_up(runner, root)
+        reference = _warm_up(runners[0], root)
         if reference is None:
             return 1
         warm_s = time.monotonic() - start
-        runs = 0
-        while runs < args.runs and time.monotonic() - start < args.budget_s:
-            runner.one_run(os.path.join(root, f"run{runs}"), reference)
-            runs += 1
-            c = runner.counts
-            print(
-                f"run {runs}: {c['faults']} faults, {c['starts']} starts, {c['identical']} "
-                f"identical, {c['lost']} lost ({time.monotonic() - start:.0f} s)",
-                file=sys.stderr,
-                flush=True,
-            )
+        runs = _disturb(runners, reference, root, args, start)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     wall = time.monotonic() - start
-    c = runner.counts
+    c = sum((r.counts for r in runners), collections.Counter())
+    errors = [e for r in runners for e in r.errors]
+    differences = [d for r in runners for d in r.differences]
     kinds = sorted((k.split(":", 1)[1], n) for k, n in c.items() if k.startswith("kind:"))
     phases = sorted((k.split(":", 1)[1], n) for k, n in c.items() if k.startswith("phase:"))
     stops = [(k, n) for k, n in c.items() if k.startswith("stopped:")]
     rows = [
-        ("config", args.config),
+        ("config", f"{args.config} (seed {args.seed}, {args.jobs} at a time)"),
         ("runs", runs),
         ("starts (processes)", c["starts"]),
         ("faults injected", c["faults"]),
@@ -332,17 +364,17 @@ def main(argv=None) -> int:
         ("runs recovered", c["recovered"]),
         ("results identical", c["identical"]),
         ("data lost", c["lost"]),
-        ("unexpected exits", len(runner.errors)),
+        ("unexpected exits", len(errors)),
         ("wall time (s)", f"{wall:.0f} (warm-up {warm_s:.0f})"),
     ]
     print("\n| fault injection (make faults) | count |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")
-    for error in runner.errors[:10]:
+    for error in errors[:10]:
         print("unexpected exit:", error, file=sys.stderr)
-    for difference in runner.differences[:10]:
+    for difference in differences[:10]:
         print("results differ:", difference, file=sys.stderr)
-    return 0 if c["lost"] == 0 and c["identical"] == runs and not runner.errors else 1
+    return 0 if c["lost"] == 0 and c["identical"] == runs and not errors else 1
 
 
 if __name__ == "__main__":
