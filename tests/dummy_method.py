@@ -6,9 +6,9 @@ key plumbing shows in the losses), updates params with the shared optimizer fact
 EMA and a typed PRNG key in its state (so typed keys go through checkpoints).
 
 Test hooks in `config.dummy`: `nan_steps` (step indices whose loss and gradients are NaN),
-`sleep_s` (seconds per batch, to slow a run down), `eval_sleep_s` (seconds `evaluate` waits),
-`sigterm_at_step` (the batch of that step index sends SIGTERM to this process, to exercise
-preemption in-process).
+`sleep_s` (seconds per batch, to slow a run down), `sigterm_at_step` (the batch of that step
+index sends SIGTERM to this process, to exercise preemption in-process). The environment
+variable DIDISTILL_DUMMY_EVAL_SLEEP_S makes `evaluate` wait that many seconds first.
 """
 
 from __future__ import annotations
@@ -86,8 +86,8 @@ def make_method(config) -> Method:
         return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     def evaluate(state, key, workdir):
-        if cfg.get("eval_sleep_s"):
-            time.sleep(cfg.eval_sleep_s)  # a slow evaluation, for the Ctrl-C fault test
+        # a slow evaluation, for the Ctrl-C fault test (not a config key: no fingerprint change)
+        time.sleep(float(os.environ.get("DIDISTILL_DUMMY_EVAL_SLEEP_S", "0")))
         x = jax.random.normal(key, (256, cfg.dim))
         ema = state["ema_params"]
         err = x @ (ema["w"] - true_w) + ema["b"] - 0.5

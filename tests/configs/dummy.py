@@ -18,14 +18,6 @@ def get_config(arg=None):
     config.train.progress = False
     config.optimizer = base.optimizer(learning_rate=0.05)
     config.dummy = ml_collections.ConfigDict(
-        dict(
-            dim=4,
-            input_noise=0.1,
-            ema_decay=0.9,
-            nan_steps=(),
-            sleep_s=0.0,
-            eval_sleep_s=0.0,
-            sigterm_at_step=-1,
-        )
+        dict(dim=4, input_noise=0.1, ema_decay=0.9, nan_steps=(), sleep_s=0.0, sigterm_at_step=-1)
     )
     return config
