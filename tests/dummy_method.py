@@ -86,8 +86,12 @@ def make_method(config) -> Method:
         return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     def evaluate(state, key, workdir):
-        # a slow evaluation, for the Ctrl-C fault test (not a config key: no fingerprint change)
-        time.sleep(float(os.environ.get("DIDISTILL_DUMMY_EVAL_SLEEP_S", "0")))
+        # A slow evaluation, for the Ctrl-C fault test (not a config key: no fingerprint change).
+        # In short sleeps, like an evaluation's Python between device calls: a signal that the
+        # kernel hands to another thread is acted on only when the main thread runs Python.
+        end = time.monotonic() + float(os.environ.get("DIDISTILL_DUMMY_EVAL_SLEEP_S", "0"))
+        while time.monotonic() < end:
+            time.sleep(0.05)
         x = jax.random.normal(key, (256, cfg.dim))
         ema = state["ema_params"]
         err = x @ (ema["w"] - true_w) + ema["b"] - 0.5

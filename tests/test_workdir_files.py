@@ -137,6 +137,13 @@ def test_heartbeat_lock_on_a_fake_object_store(fake_gcs, monkeypatch):
     files.write_text_atomic(lock_path, _lock_file(2**22 + 12345, socket.gethostname(), time.time()))
     with workdir.WorkdirLock(ROOT):
         pass
+    # this host, a live pid (reused, or hung) whose heartbeat is stale: taken over
+    files.write_text_atomic(lock_path, _lock_file(os.getpid(), socket.gethostname(), stale))
+    with workdir.WorkdirLock(ROOT):
+        pass
+    files.write_text_atomic(lock_path, json.dumps({"host": socket.gethostname()}))  # no pid
+    with workdir.WorkdirLock(ROOT):
+        pass
 
 
 def test_heartbeat_is_refreshed_and_a_lost_race_stops(fake_gcs, monkeypatch):

@@ -33,10 +33,6 @@ def is_local(path) -> bool:
     return not _URI.match(os.fspath(path))
 
 
-def path(p) -> epath.Path:
-    return epath.Path(p)
-
-
 def join(base, *parts: str) -> str:
     return str(epath.Path(base).joinpath(*parts))
 
@@ -59,11 +55,6 @@ def exists(p) -> bool:
 
 def isdir(p) -> bool:
     return epath.Path(p).is_dir()
-
-
-def isfile(p) -> bool:
-    path_ = epath.Path(p)
-    return path_.exists() and not path_.is_dir()
 
 
 def makedirs(p) -> None:
@@ -170,13 +161,11 @@ __all__ = [
     "exists",
     "is_local",
     "isdir",
-    "isfile",
     "join",
     "listdir",
     "makedirs",
     "normalize",
     "open_file",
-    "path",
     "read_text",
     "remove",
     "rename",

@@ -213,12 +213,14 @@ def move_aside(workdir: str) -> str | None:
 
 
 def _pid_alive(pid) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False
-    except (PermissionError, ValueError, TypeError, OverflowError):
-        return True  # exists (another user's) or unreadable: assume alive
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True  # another user's process
     return True
 
 
@@ -230,8 +232,8 @@ class WorkdirLock:
       the process dies (also on `kill -9`): exact, and a dead run's lock is taken over at once.
     - "heartbeat" (object stores, `gs://`: no flock there), best-effort: the holder rewrites
       the file every `HEARTBEAT_S` seconds with the time. A lock counts as held while its
-      holder is alive: on this host, its pid exists; on another host, its heartbeat is newer
-      than `STALE_S`. Two starts within about a second of each other may both get it (the
+      holder is alive: its heartbeat is newer than `STALE_S` and, on this host, its pid
+      exists. Two starts within about a second of each other may both get it (the
       store has no atomic create here); a run killed by `kill -9` on another host blocks the
       workdir for up to `STALE_S` (or until run.lock is deleted by hand).
     """
@@ -267,13 +269,15 @@ class WorkdirLock:
 
     @classmethod
     def _alive(cls, info: dict | None) -> bool:
-        """Heartbeat kind: whether the holder described by `info` still runs."""
+        """Heartbeat kind: whether the holder described by `info` still runs: a heartbeat
+        younger than STALE_S, and on this host also a live pid (so a dead run on this host is
+        taken over at once, and a reused pid with an old heartbeat is not mistaken for it)."""
         if not info:
             return False
-        if info.get("host") == socket.gethostname():
-            return _pid_alive(info.get("pid"))
         beat = info.get("heartbeat")
-        return isinstance(beat, int | float) and time.time() - beat < cls.STALE_S
+        if not isinstance(beat, int | float) or time.time() - beat >= cls.STALE_S:
+            return False
+        return info.get("host") != socket.gethostname() or _pid_alive(info.get("pid"))
 
     @classmethod
     def holder(cls, workdir: str, kind: str | None = None) -> str | None:
