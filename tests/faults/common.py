@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -24,6 +25,12 @@ def env(**extra):
 
 def main_args(workdir, *flags, config=DUMMY):
     return [sys.executable, "-m", "didistill.main", config, f"--workdir={workdir}", *flags]
+
+
+def default_sigint() -> None:
+    """`preexec_fn` of the children that get SIGINT: a shell ignores SIGINT in jobs started
+    with `&`, children inherit that, and Python then leaves SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_main(workdir, *flags, config=DUMMY, timeout=300, **extra_env):

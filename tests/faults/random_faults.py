@@ -107,6 +107,7 @@ class Runner:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=_default_sigint,
         )
 
     def run_undisturbed(self, workdir, *extra) -> tuple[int, str]:
@@ -235,6 +236,12 @@ class Runner:
             self.differences.append(f"{workdir}: {_difference(results, reference)}")
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default. A shell ignores SIGINT in jobs
+    started with `&`, children inherit that, and Python then leaves SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _listdir(path) -> list[str]:
     try:
         return os.listdir(path)
@@ -298,8 +305,9 @@ def _disturb(runners, reference, root, args, start) -> int:
     def worker(runner):
         while True:
             with lock:
-                if state["next"] >= args.runs or time.monotonic() - start >= args.budget_s:
-                    return
+                over_budget = time.monotonic() - start >= args.budget_s
+                if state["next"] >= args.runs or (over_budget and state["next"] >= len(runners)):
+                    return  # (each job does at least one run)
                 index = state["next"]
                 state["next"] += 1
             runner.one_run(os.path.join(root, f"run{index}"), reference)
@@ -326,7 +334,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="toy")
     parser.add_argument("--runs", type=int, default=40, help="runs to disturb (each ~5 faults)")
-    parser.add_argument("--budget_s", type=float, default=1500, help="stop starting new runs")
+    parser.add_argument(
+        "--budget_s", type=float, default=1500, help="no new runs after (each job does one)"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="runs disturbed at the same time")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

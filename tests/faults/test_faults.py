@@ -352,6 +352,7 @@ def test_ctrl_c_during_evaluation_then_rerun_evaluates(reference, tmp_path):
         env=common.env(DIDISTILL_DUMMY_EVAL_SLEEP_S="120"),  # long, for loaded machines
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=common.default_sigint,
     )
     seen = []
     for line in proc.stderr:
