@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -27,10 +28,16 @@ def main_args(workdir, *flags, config=DUMMY):
     return [sys.executable, "-m", "didistill.main", config, f"--workdir={workdir}", *flags]
 
 
-def default_sigint() -> None:
-    """`preexec_fn` of the children that get SIGINT: a shell ignores SIGINT in jobs started
-    with `&`, children inherit that, and Python then leaves SIGINT ignored."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+@contextlib.contextmanager
+def children_handle_sigint():
+    """Children started inside handle SIGINT as Ctrl-C. A shell ignores SIGINT in jobs started
+    with `&` (pytest in the background), children inherit an ignored SIGINT and Python leaves
+    it ignored; a handler in this process is reset to the default by exec instead."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_main(workdir, *flags, config=DUMMY, timeout=300, **extra_env):

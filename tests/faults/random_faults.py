@@ -107,7 +107,6 @@ class Runner:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-            preexec_fn=_default_sigint,
         )
 
     def run_undisturbed(self, workdir, *extra) -> tuple[int, str]:
@@ -236,12 +235,6 @@ class Runner:
             self.differences.append(f"{workdir}: {_difference(results, reference)}")
 
 
-def _default_sigint() -> None:
-    """In the child before exec: SIGINT back to its default. A shell ignores SIGINT in jobs
-    started with `&`, children inherit that, and Python then leaves SIGINT ignored."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def _listdir(path) -> list[str]:
     try:
         return os.listdir(path)
@@ -342,6 +335,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.runs < 1 or args.budget_s <= 0 or args.jobs < 1:
         parser.error("--runs and --jobs must be >= 1 and --budget_s > 0")
+    # A shell ignores SIGINT in jobs started with `&`; children inherit an ignored SIGINT, and
+    # Python then leaves it ignored, so the SIGINT faults would do nothing. A handler (unlike
+    # SIG_IGN) is reset to the default by exec, so the children handle SIGINT as Ctrl-C.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     start = time.monotonic()
     root = tempfile.mkdtemp(prefix="didistill_faults_")
     runners = [

@@ -346,14 +346,14 @@ def test_ctrl_c_during_evaluation_then_rerun_evaluates(reference, tmp_path):
     """SIGINT while `method.evaluate` runs: exit 130 with one line, no eval.json (nor a
     temporary file), the lock released; the rerun evaluates the final checkpoint."""
     run = tmp_path / "run"
-    proc = subprocess.Popen(
-        common.main_args(run),
-        cwd=common.REPO,
-        env=common.env(DIDISTILL_DUMMY_EVAL_SLEEP_S="120"),  # long, for loaded machines
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=common.default_sigint,
-    )
+    with common.children_handle_sigint():
+        proc = subprocess.Popen(
+            common.main_args(run),
+            cwd=common.REPO,
+            env=common.env(DIDISTILL_DUMMY_EVAL_SLEEP_S="120"),  # long, for loaded machines
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     seen = []
     for line in proc.stderr:
         seen.append(line)
