@@ -20,9 +20,11 @@ A run that stops because every checkpoint was corrupt ("no usable checkpoint", b
 does not restart from step 0 on its own) is restarted with `--restart`, as its message says.
 Then metrics.jsonl (without timing keys) and eval.json are compared with an undisturbed run.
 The table: faults injected (by kind, and kill points by phase), runs recovered, results
-identical, data lost (a run whose results differ from the undisturbed one, or that did not
-finish within MAX_STARTS starts), unexpected exits (an exit code other than 0, a signal's,
-130, or the designed stop above). The first difference of a run that differs is printed.
+identical, data lost (a run whose results differ from the undisturbed one; a run still not
+finished after MAX_STARTS starts, because the random kills kept hitting it, is counted apart,
+with a check that its metrics so far equal the undisturbed run's), unexpected exits (an exit
+code other than 0, a signal's, 130, or the designed stop above). The first difference of a run
+that differs is printed.
 
 Every start shares one persistent JAX compilation cache (`JAX_COMPILATION_CACHE_DIR`, warmed by
 the undisturbed run and one resumed run), so a start spends its time starting Python and
@@ -223,8 +225,13 @@ class Runner:
             elif finished:
                 break
             kill_next = rng.random() < 0.85
-        else:
-            counts["lost"] += 1
+        else:  # still being killed after MAX_STARTS starts: is what it has so far right?
+            metrics = writers.comparable_metrics(workdir) if _lines(workdir) else []
+            if metrics == reference[0][: len(metrics)]:
+                counts["unfinished after MAX_STARTS starts, its metrics so far identical"] += 1
+            else:
+                counts["lost"] += 1
+                self.differences.append(f"{workdir} (unfinished): metrics.jsonl differs")
             return
         counts["recovered"] += 1
         results = _results(workdir)
@@ -359,7 +366,7 @@ def main(argv=None) -> int:
     differences = [d for r in runners for d in r.differences]
     kinds = sorted((k.split(":", 1)[1], n) for k, n in c.items() if k.startswith("kind:"))
     phases = sorted((k.split(":", 1)[1], n) for k, n in c.items() if k.startswith("phase:"))
-    stops = [(k, n) for k, n in c.items() if k.startswith("stopped:")]
+    stops = [(k, n) for k, n in c.items() if k.startswith(("stopped:", "unfinished"))]
     rows = [
         ("config", f"{args.config} (seed {args.seed}, {args.jobs} at a time)"),
         ("runs", runs),
@@ -381,7 +388,7 @@ def main(argv=None) -> int:
         print("unexpected exit:", error, file=sys.stderr)
     for difference in differences[:10]:
         print("results differ:", difference, file=sys.stderr)
-    return 0 if c["lost"] == 0 and c["identical"] == runs and not errors else 1
+    return 0 if c["lost"] == 0 and not errors else 1
 
 
 if __name__ == "__main__":
