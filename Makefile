@@ -11,13 +11,15 @@ OLDEST_PY := $(OLDEST_VENV)/bin/python
 OLDEST_STAMP := $(OLDEST_VENV)/.installed
 OLDEST := requirements/oldest.txt
 # The smoke subset: divergences, a toy engine run with preemption and resume, one text
-# distillation step, one image distillation step, the XLA:CPU rule, the compat shims.
+# distillation step, one image distillation step, the XLA:CPU rule, the compat shims, workdir
+# files through etils.epath (a fake gs:// and the object-store code on a local path).
 OLDEST_TESTS := tests/test_f_divergences.py::TestRegistry \
 	tests/test_train_loop.py::test_preempted_run_resumes_bit_identically \
 	"tests/test_didi.py::test_two_jitted_steps_are_finite_and_move_the_student[distill0]" \
 	"tests/test_one_step_images.py::test_every_method_steps_under_jit[jensen_shannon-0]" \
 	tests/test_xla_cpu.py tests/test_install.py::test_compat_enable_x64 \
-	tests/test_writers.py::test_tensorboard_writes_event_files_with_every_scalar
+	tests/test_writers.py::test_tensorboard_writes_event_files_with_every_scalar \
+	tests/test_workdir_files.py
 
 .PHONY: demo test test-oldest faults lint format clean-venv
 
@@ -49,7 +51,7 @@ test: lint
 
 # Randomized fault injection (kills, bit flips, truncated files) on real runs; prints a table.
 faults: $(STAMP)
-	$(PY) -m tests.faults.random_faults --runs 40 --budget_s 1200
+	$(PY) -m tests.faults.random_faults --runs 40 --budget_s 1500
 
 test-oldest: $(OLDEST_STAMP)
 	$(OLDEST_PY) -m pip check

@@ -21,9 +21,9 @@ from didistill.configs import toy2d  # run from the repository root (`make demo`
 from didistill.data import toy
 from didistill.distill import get_method
 from didistill.eval import plots
+from didistill.train.files import write_text_atomic
 from didistill.train.loop import train
 from didistill.train.reporting import write_json
-from didistill.train.workdir import write_text_atomic
 
 DEFAULT_METHODS = ("dmd2", "forward_kl", "jensen_shannon", "uni_instruct,forward_kl")
 COLUMNS = (

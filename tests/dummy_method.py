@@ -7,7 +7,8 @@ EMA and a typed PRNG key in its state (so typed keys go through checkpoints).
 
 Test hooks in `config.dummy`: `nan_steps` (step indices whose loss and gradients are NaN),
 `sleep_s` (seconds per batch, to slow a run down), `sigterm_at_step` (the batch of that step
-index sends SIGTERM to this process, to exercise preemption in-process).
+index sends SIGTERM to this process, to exercise preemption in-process). The environment
+variable DIDISTILL_DUMMY_EVAL_SLEEP_S makes `evaluate` wait that many seconds first.
 """
 
 from __future__ import annotations
@@ -85,6 +86,12 @@ def make_method(config) -> Method:
         return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     def evaluate(state, key, workdir):
+        # A slow evaluation, for the Ctrl-C fault test (not a config key: no fingerprint change).
+        # In short sleeps, like an evaluation's Python between device calls: a signal that the
+        # kernel hands to another thread is acted on only when the main thread runs Python.
+        end = time.monotonic() + float(os.environ.get("DIDISTILL_DUMMY_EVAL_SLEEP_S", "0"))
+        while time.monotonic() < end:
+            time.sleep(0.05)
         x = jax.random.normal(key, (256, cfg.dim))
         ema = state["ema_params"]
         err = x @ (ema["w"] - true_w) + ema["b"] - 0.5

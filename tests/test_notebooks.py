@@ -185,3 +185,20 @@ def test_runtime_accelerator_from_the_environment(monkeypatch):
     monkeypatch.setattr(colab_setup.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
     monkeypatch.setattr(colab_setup.glob, "glob", lambda pattern: [])
     assert colab_setup.runtime_accelerator({}) == "gpu"
+
+
+def test_set_repo_url_changes_the_address_in_every_file_at_once(tmp_path):
+    import set_repo_url  # notebooks/set_repo_url.py
+
+    (tmp_path / "notebooks").mkdir()
+    for path in set_repo_url.files_using(ROOT):
+        shutil.copy(path, tmp_path / path.relative_to(ROOT))
+    with pytest.raises(ValueError, match="OWNER/NAME"):
+        set_repo_url.set_url("https://example.org/x", tmp_path)
+    changed = set_repo_url.set_url("https://github.com/someone/fork", tmp_path)
+    assert len(changed) == len(set_repo_url.files_using(tmp_path))
+    assert set_repo_url.current_url(tmp_path) == "https://github.com/someone/fork"
+    for path in set_repo_url.files_using(tmp_path):
+        text = path.read_text()
+        assert REPO_URL.removeprefix("https://github.com/") not in text, path.name
+        assert "someone/fork" in text, path.name

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from didistill.train import workdir
+from didistill.train import files, workdir
 from didistill.train.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -105,18 +105,16 @@ class Corrupt(Exception):
 
 
 def _open_for_read(path: str):
-    """`open(path, 'rb')`; a seam for the fault tests (root ignores chmod)."""
-    return open(path, "rb")  # noqa: SIM115
+    """The file opened for reading in binary; a seam for the fault tests (root ignores chmod)."""
+    return files.open_file(path, "rb")
+
+
+def _relative(path: str, directory: str) -> str:
+    return path[len(directory.rstrip("/")) + 1 :]
 
 
 def _files(directory: str) -> list[str]:
-    out = []
-    for root, _, names in os.walk(directory):
-        for name in names:
-            path = os.path.join(root, name)
-            if os.path.relpath(path, directory) != MANIFEST:
-                out.append(path)
-    return sorted(out)
+    return sorted(p for p in files.walk_files(directory) if _relative(p, directory) != MANIFEST)
 
 
 def _hash_files(directory: str) -> dict[str, str]:
@@ -130,7 +128,7 @@ def _hash_files(directory: str) -> dict[str, str]:
                     digest.update(chunk)
         except OSError as err:
             raise Unreadable(f"{path}: {err.strerror or err}") from err
-        out[os.path.relpath(path, directory)] = digest.hexdigest()
+        out[_relative(path, directory)] = digest.hexdigest()
     return out
 
 
@@ -159,7 +157,7 @@ class Checkpointer:
     """Saves and restores `EngineState` pytrees under one directory. A context manager."""
 
     def __init__(self, directory: str, keep: int, async_save: bool = True, keep_period: int = 0):
-        self.directory = os.path.abspath(directory)
+        self.directory = files.absolute(directory)
         policies = ocp.checkpoint_managers
         policy = policies.LatestN(keep)
         if keep_period:
@@ -190,9 +188,7 @@ class Checkpointer:
 
     def set_aside_dirs(self) -> list[str]:
         """The step directories set aside earlier (corrupt_<step>_<time>)."""
-        if not os.path.isdir(self.directory):
-            return []
-        return sorted(n for n in os.listdir(self.directory) if n.startswith("corrupt_"))
+        return [n for n in files.listdir(self.directory) if n.startswith("corrupt_")]
 
     def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> bool:
         """Starts saving `state` at `step`; returns False if that step is already saved."""
@@ -220,21 +216,21 @@ class Checkpointer:
         self._manager.wait_until_finished()
         if jax.process_index() == 0:
             for step in sorted(self._unsealed):
-                directory = os.path.join(self.directory, str(step))
-                if os.path.isdir(directory):  # not rotated away meanwhile
+                directory = files.join(self.directory, str(step))
+                if files.isdir(directory):  # not rotated away meanwhile
                     sums = _hash_files(directory)
                     workdir.write_text_atomic(
-                        os.path.join(directory, MANIFEST), json.dumps(sums, indent=1) + "\n"
+                        files.join(directory, MANIFEST), json.dumps(sums, indent=1) + "\n"
                     )
         self._unsealed.clear()
 
     def verify(self, step: int) -> None:
         """Raises `Unreadable` if a file of `step` cannot be read, `Corrupt` if a file differs
         from the checksum manifest (when there is one)."""
-        directory = os.path.join(self.directory, str(step))
+        directory = files.join(self.directory, str(step))
         sums = _hash_files(directory)
-        manifest = os.path.join(directory, MANIFEST)
-        if not os.path.exists(manifest):
+        manifest = files.join(directory, MANIFEST)
+        if not files.exists(manifest):
             logger.info("checkpoint step %d has no checksum manifest: not verified", step)
             return
         try:
@@ -261,11 +257,11 @@ class Checkpointer:
         try:
             restored = self._manager.restore(step, args=args)
         except OSError as err:
-            raise Unreadable(f"{os.path.join(self.directory, str(step))}: {err}") from err
+            raise Unreadable(f"{files.join(self.directory, str(step))}: {err}") from err
         except Exception as err:  # orbax/tensorstore decoding errors
             text = str(err).splitlines()[0][:300] if str(err) else ""
             if any(marker in str(err) for marker in _UNREADABLE):
-                raise Unreadable(f"{os.path.join(self.directory, str(step))}: {text}") from err
+                raise Unreadable(f"{files.join(self.directory, str(step))}: {text}") from err
             raise Corrupt(f"{type(err).__name__}: {text}") from err
         bad = _first_nonfinite(restored.state)
         if bad is not None:
@@ -333,14 +329,14 @@ class Checkpointer:
 
     def set_aside(self, step: int, prefix: str = "corrupt") -> str:
         """Renames the step directory to <prefix>_<step>_<time>; returns the new path."""
-        source = os.path.join(self.directory, str(step))
-        target = os.path.join(self.directory, f"{prefix}_{step}_{time.strftime('%Y%m%d-%H%M%S')}")
-        if jax.process_index() == 0 and os.path.exists(source):
+        source = files.join(self.directory, str(step))
+        target = files.join(self.directory, f"{prefix}_{step}_{time.strftime('%Y%m%d-%H%M%S')}")
+        if jax.process_index() == 0 and files.exists(source):
             suffix = 0
-            while os.path.exists(target + (f"_{suffix}" if suffix else "")):
+            while files.exists(target + (f"_{suffix}" if suffix else "")):
                 suffix += 1
             target += f"_{suffix}" if suffix else ""
-            os.rename(source, target)
+            files.rename(source, target)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"didistill_set_aside_{step}")
         try:

@@ -59,7 +59,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from didistill.train import reporting, sharding, writers
+from didistill.train import files, reporting, sharding, writers
 from didistill.train import workdir as workdir_lib
 from didistill.train.checkpoint import Checkpointer, Corrupt, Unreadable
 from didistill.train.errors import CheckpointError, ConfigError, NonFiniteError
@@ -121,7 +121,7 @@ def load_checkpoint(method: Method, config, workdir: str, step: int | None = Non
     over all devices (also when it was saved sharded). For sampling or evaluating a trained
     model outside `train`."""
     ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
-    if not os.path.isdir(ckpt_dir):
+    if not files.isdir(ckpt_dir):
         raise CheckpointError(f"no checkpoints in {workdir}: {ckpt_dir} does not exist")
     mesh = sharding.mesh_from_config(config.mesh)
     abstract = jax.eval_shape(_init_fn(method, config.seed))
@@ -285,7 +285,7 @@ def _write_config(config, workdir: str) -> None:
 
 def _previous_eval(eval_path: str, is_main: bool) -> dict | None:
     """The contents of eval.json; None (and the file set aside) if it is damaged."""
-    if not os.path.exists(eval_path):
+    if not files.exists(eval_path):
         return None
     try:
         previous = reporting.read_json(eval_path)
@@ -296,7 +296,7 @@ def _previous_eval(eval_path: str, is_main: bool) -> dict | None:
         problem = f"invalid JSON: {err}"
     aside = f"{eval_path}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
     if is_main:
-        os.replace(eval_path, aside)
+        files.replace(eval_path, aside)
     logger.warning(
         "%s is damaged (%s); moved it to %s and evaluating the final checkpoint again",
         eval_path,
@@ -327,13 +327,13 @@ def _check_paths(workdir: str) -> None:
     """Clear errors for a workdir (or its checkpoints folder) that cannot be a directory."""
     if not workdir or not workdir.strip():
         raise ConfigError("--workdir is empty: give the run directory, e.g. --workdir=runs/toy")
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
+    if files.exists(workdir) and not files.isdir(workdir):
         raise ConfigError(
             f"--workdir={workdir} is a file, not a directory: pass another --workdir (or move "
             "the file away)."
         )
     ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
-    if os.path.exists(ckpt_dir) and not os.path.isdir(ckpt_dir):
+    if files.exists(ckpt_dir) and not files.isdir(ckpt_dir):
         raise ConfigError(
             f"{ckpt_dir} is a file, not a directory: move it away (checkpoints are saved in "
             "that directory), or use another --workdir."
@@ -367,7 +367,7 @@ def train(method: Method, config, workdir: str) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     _check_paths(workdir)
     workdir_lib.check_fingerprint(config, workdir, write=False)  # before touching anything
-    os.makedirs(workdir, exist_ok=True)
+    files.makedirs(workdir)
     lock = workdir_lib.WorkdirLock(workdir, enabled=is_main)
     try:
         lock.__enter__()

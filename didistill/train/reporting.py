@@ -7,7 +7,8 @@
   run resumes from step S it first drops the lines with step > S (written after the checkpoint
   it resumed from), so the file ends up as if the run had never stopped. Non-finite numbers are
   written as null (JSON has no NaN).
-- `write_json` writes a file atomically (temporary file, then rename).
+- `write_json` writes a file atomically (temporary file, then rename; `files.py`).
+Every file goes through `files.py` (`etils.epath`): the run directory may be on `gs://`.
 - `progress_bar` is a tqdm bar counting steps, showing steps/s.
 
 Only process 0 writes files; the other processes get writers that do nothing.
@@ -18,13 +19,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import tqdm
+
+from didistill.train import files
 
 logger = logging.getLogger(__name__)
 
@@ -81,14 +83,11 @@ def format_metrics(metrics: Mapping[str, Any]) -> str:
 
 def write_json(path: str, obj: Any) -> None:
     """Writes `obj` as indented JSON, atomically (temp file, fsync, rename)."""
-    from didistill.train.workdir import write_text_atomic
-
-    write_text_atomic(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=True) + "\n")
+    files.write_text_atomic(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path: str) -> Any:
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(files.read_text(path))
 
 
 class MetricsWriter:
@@ -99,29 +98,23 @@ class MetricsWriter:
         self._file = None
         if not enabled:
             return
-        kept = self._lines_through(path, resume_step)
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
-        self._file = open(path, "a")  # noqa: SIM115 (closed in close())
+        self._file = files.AppendLog(path, self._lines_through(path, resume_step))
 
     @staticmethod
     def _lines_through(path: str, step: int) -> list[str]:
-        if not os.path.exists(path):
+        if not files.exists(path):
             return []
         kept, dropped = [], 0
-        with open(path) as f:
-            for line in f:
-                try:
-                    record_step = json.loads(line)["step"]
-                except (ValueError, KeyError, TypeError):
-                    dropped += 1  # e.g. a line cut short when the process was killed
-                    continue
-                if record_step <= step:
-                    kept.append(line if line.endswith("\n") else line + "\n")
-                else:
-                    dropped += 1
+        for line in files.read_text(path).splitlines(keepends=True):
+            try:
+                record_step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                dropped += 1  # e.g. a line cut short when the process was killed
+                continue
+            if record_step <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
         if dropped:
             logger.info("metrics.jsonl: dropped %d lines written after step %d", dropped, step)
         return kept
@@ -131,7 +124,6 @@ class MetricsWriter:
             return
         record = {"step": int(step), **to_jsonable(dict(metrics))}
         self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
 
     def close(self) -> None:
         if self._file is not None:

@@ -73,19 +73,30 @@ def validate_config(config, num_devices: int, num_processes: int = 1) -> None:
     check_batch_divisible(batch_size, data, num_processes)
 
 
-# Method keys the methods read without checking them themselves (see the module docstring).
-_TOY_GENERATOR_KINDS = ("mlp", "affine")
+# Method keys the methods read without checking them themselves (see the module docstring):
+# the generator kinds of each data kind (`one_step/toy.py`: an MLP or the affine Gaussian of
+# the exact-ratio oracle; `one_step/images.py`: the teacher's U-Net).
+GENERATOR_KINDS = {"toy": ("mlp", "affine"), "images": ("unet",)}
+
+
+def _data_kind(data) -> str | None:
+    if data is None:
+        return None
+    if "toy" in data:
+        return "toy"
+    return data.get("kind")
 
 
 def validate_method_keys(config) -> None:
     """Raises `ConfigError` for common method keys with values no method accepts."""
-    generator, data = config.get("generator"), config.get("data")
-    if generator is not None and "kind" in generator and data is not None and "toy" in data:
-        if generator.kind not in _TOY_GENERATOR_KINDS:
+    generator, kind = config.get("generator"), _data_kind(config.get("data"))
+    if generator is not None and "kind" in generator and kind in GENERATOR_KINDS:
+        valid = GENERATOR_KINDS[kind]
+        if generator.kind not in valid:
             raise ConfigError(
-                f"config.generator.kind={generator.kind!r} is invalid for the toy data: valid "
-                f"choices are {', '.join(map(repr, _TOY_GENERATOR_KINDS))}. Set it with "
-                "--config.generator.kind=mlp."
+                f"config.generator.kind={generator.kind!r} is invalid for the {kind} data: valid "
+                f"choices are {', '.join(map(repr, valid))}. Set it with "
+                f"--config.generator.kind={valid[0]}."
             )
     evaluation = config.get("eval")
     if evaluation is not None:
@@ -96,4 +107,10 @@ def validate_method_keys(config) -> None:
             _require_int(config, "eval.every", 0, "0 turns the periodic evaluation off")
 
 
-__all__ = ["check_batch_divisible", "data_axis_size", "validate_config", "validate_method_keys"]
+__all__ = [
+    "GENERATOR_KINDS",
+    "check_batch_divisible",
+    "data_axis_size",
+    "validate_config",
+    "validate_method_keys",
+]

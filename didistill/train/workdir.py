@@ -9,9 +9,11 @@
   run), not lowered.
 - **Lock** (`WorkdirLock`): `<workdir>/run.lock` holds the pid and host of the run that uses the
   directory, under an `fcntl.flock` that the kernel drops when the process dies (also on
-  `kill -9`), so a lock left by a dead run is taken over, and a second live run stops.
-- **Atomic files** (`write_text_atomic`): a temporary file in the same directory, flushed and
-  fsynced, then renamed over the target: a reader sees the old file or the new one, never half.
+  `kill -9`), so a lock left by a dead run is taken over, and a second live run stops. On an
+  object store (`gs://`, no flock) the lock is best-effort: a heartbeat in the file.
+- **Atomic files** (`write_text_atomic`, from `files.py`): a reader sees the old file or the
+  new one, never half. Every file operation goes through `files.py` (`etils.epath`), so a
+  workdir may be local or on `gs://`.
 """
 
 from __future__ import annotations
@@ -25,8 +27,12 @@ import json
 import logging
 import os
 import socket
+import threading
+import time
+import uuid
 from typing import Any
 
+from didistill.train import files
 from didistill.train.errors import DidistillError
 
 logger = logging.getLogger(__name__)
@@ -69,26 +75,7 @@ def _stamp() -> str:
     return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    """Writes `text` to `path` atomically (temp file + fsync + rename + directory fsync)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+write_text_atomic = files.write_text_atomic  # kept here: callers import it from workdir
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -153,23 +140,21 @@ def _differences(old: dict, new: dict) -> list[str]:
 
 def _recorded(workdir: str) -> dict[str, Any] | None:
     """The description recorded in the workdir: run.json, else a legacy config.json."""
-    path = os.path.join(workdir, RUN_FILE)
-    if os.path.exists(path):
+    path = files.join(workdir, RUN_FILE)
+    if files.exists(path):
         try:
-            with open(path) as f:
-                data = json.load(f)
+            data = json.loads(files.read_text(path))
             if isinstance(data, dict) and data.get("format") == FORMAT and "config" in data:
                 return data
         except ValueError:
             pass
         aside = f"{path}.damaged-{_stamp()}"
-        os.replace(path, aside)
+        files.replace(path, aside)
         logger.warning("%s is damaged (moved to %s); rebuilding it", path, aside)
-    legacy = os.path.join(workdir, "config.json")
-    if os.path.exists(legacy):  # runs from before run.json: config.json is the last config
+    legacy = files.join(workdir, "config.json")
+    if files.exists(legacy):  # runs from before run.json: config.json is the last config
         try:
-            with open(legacy) as f:
-                resolved = json.load(f)
+            resolved = json.loads(files.read_text(legacy))
         except ValueError:
             return None
         flat = _flatten(resolved)
@@ -194,7 +179,7 @@ def check_fingerprint(config, workdir: str, write: bool = True) -> str:
                 f"--workdir={workdir} holds a run of a different config: "
                 f"{'; '.join(differences[:3])}{more}. Nothing was changed. Use another --workdir "
                 "for the new config, or rerun with --restart to move the old run aside (to "
-                f"{os.path.normpath(workdir)}.old-<time>) and start over."
+                f"{files.normalize(workdir)}.old-<time>) and start over."
             )
     record = {
         "format": FORMAT,
@@ -206,7 +191,7 @@ def check_fingerprint(config, workdir: str, write: bool = True) -> str:
     }
     if write and (old is None or old.get("format") != FORMAT or record != old):
         write_text_atomic(
-            os.path.join(workdir, RUN_FILE), json.dumps(record, indent=2, sort_keys=True) + "\n"
+            files.join(workdir, RUN_FILE), json.dumps(record, indent=2, sort_keys=True) + "\n"
         )
     return record["fingerprint"]
 
@@ -214,47 +199,99 @@ def check_fingerprint(config, workdir: str, write: bool = True) -> str:
 def move_aside(workdir: str) -> str | None:
     """Renames `workdir` to `<workdir>.old-<time>` (nothing is deleted); returns the new path,
     or None if there was nothing to move. Raises `WorkdirLockedError` if a run holds it."""
-    workdir = os.path.normpath(workdir)
-    if not os.path.exists(workdir):
+    workdir = files.normalize(workdir)
+    if not files.exists(workdir):
         return None
-    if os.path.isdir(workdir):
+    if files.isdir(workdir):
         holder = WorkdirLock.holder(workdir)
         if holder is not None:
             raise WorkdirLockedError(
                 f"cannot --restart {workdir}: it is in use by {holder}. Stop that run first."
             )
     target, suffix = f"{workdir}.old-{_stamp()}", 0
-    while os.path.exists(target + (f"-{suffix}" if suffix else "")):
+    while files.exists(target + (f"-{suffix}" if suffix else "")):
         suffix += 1
     target += f"-{suffix}" if suffix else ""
-    os.rename(workdir, target)
+    files.rename(workdir, target)
     logger.warning("--restart: moved the old run %s to %s", workdir, target)
     return target
 
 
-class WorkdirLock:
-    """`with WorkdirLock(workdir):` holds `<workdir>/run.lock` (pid, host) for the run."""
+def _pid_alive(pid) -> bool:
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
-    def __init__(self, workdir: str, enabled: bool = True):
-        self.path = os.path.join(workdir, LOCK_FILE)
+
+class WorkdirLock:
+    """`with WorkdirLock(workdir):` holds `<workdir>/run.lock` (pid, host) for the run.
+
+    Two kinds, chosen by the path (`kind=` forces one, for tests):
+    - "flock" (local paths): the file is held with `fcntl.flock`, which the kernel drops when
+      the process dies (also on `kill -9`): exact, and a dead run's lock is taken over at once.
+    - "heartbeat" (object stores, `gs://`: no flock there), best-effort: the holder rewrites
+      the file every `HEARTBEAT_S` seconds with the time. A lock counts as held while its
+      holder is alive: its heartbeat is newer than `STALE_S` and, on this host, its pid
+      exists. Two starts within about a second of each other may both get it (the
+      store has no atomic create here); a run killed by `kill -9` on another host blocks the
+      workdir for up to `STALE_S` (or until run.lock is deleted by hand).
+    """
+
+    HEARTBEAT_S = 30.0
+    STALE_S = 120.0
+    SETTLE_S = 1.0  # heartbeat kind: wait, then read back, so a racing writer is noticed
+
+    def __init__(self, workdir: str, enabled: bool = True, kind: str | None = None):
+        self.path = files.join(workdir, LOCK_FILE)
         self.enabled = enabled
+        self.kind = kind or ("flock" if files.is_local(workdir) else "heartbeat")
         self._fd: int | None = None
+        self._token: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     @staticmethod
-    def _describe(path: str) -> str:
+    def _read(path: str) -> dict | None:
         try:
-            with open(path) as f:
-                info = json.load(f)
+            info = json.loads(files.read_text(path))
+        except (OSError, ValueError):
+            return None
+        return info if isinstance(info, dict) else None
+
+    @classmethod
+    def _describe(cls, path: str) -> str:
+        info = cls._read(path) or {}
+        try:
             return f"pid {info['pid']} on host {info['host']} (since {info['started']})"
-        except (OSError, ValueError, KeyError, TypeError):
+        except KeyError:
             return "another process"
 
     @classmethod
-    def holder(cls, workdir: str) -> str | None:
+    def _alive(cls, info: dict | None) -> bool:
+        """Heartbeat kind: whether the holder described by `info` still runs: a heartbeat
+        younger than STALE_S, and on this host also a live pid (so a dead run on this host is
+        taken over at once, and a reused pid with an old heartbeat is not mistaken for it)."""
+        if not info:
+            return False
+        beat = info.get("heartbeat")
+        if not isinstance(beat, int | float) or time.time() - beat >= cls.STALE_S:
+            return False
+        return info.get("host") != socket.gethostname() or _pid_alive(info.get("pid"))
+
+    @classmethod
+    def holder(cls, workdir: str, kind: str | None = None) -> str | None:
         """Who holds the lock of `workdir` now (a live process), or None."""
-        path = os.path.join(workdir, LOCK_FILE)
-        if not os.path.exists(path):
+        path = files.join(workdir, LOCK_FILE)
+        if not files.exists(path):
             return None
+        if (kind or ("flock" if files.is_local(workdir) else "heartbeat")) == "heartbeat":
+            return cls._describe(path) if cls._alive(cls._read(path)) else None
         try:
             fd = os.open(path, os.O_RDWR)
         except OSError:
@@ -267,9 +304,33 @@ class WorkdirLock:
             os.close(fd)  # also drops a lock taken just now
         return None
 
+    def _locked_error(self) -> WorkdirLockedError:
+        dead = (
+            "a lock of a dead process is taken over by itself"
+            if self.kind == "flock"
+            else f"on this host a lock of a dead process is taken over at once, from another "
+            f"host once its heartbeat is {self.STALE_S:.0f} s old; delete the file if that run "
+            "is dead and you cannot wait"
+        )
+        return WorkdirLockedError(
+            f"--workdir={self.path.rpartition('/')[0]} is in use by "
+            f"{self._describe(self.path)}: two runs in one workdir would overwrite each "
+            f"other. Wait for it to finish or stop it, or use another --workdir. (The "
+            f"lock is {self.path}; {dead}.)"
+        )
+
+    def _info(self) -> dict:
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.datetime.now().isoformat(" ", "seconds"),
+        }
+
     def __enter__(self) -> WorkdirLock:
         if not self.enabled:
             return self
+        if self.kind == "heartbeat":
+            return self._enter_heartbeat()
         for _ in range(10):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -278,12 +339,7 @@ class WorkdirLock:
                 os.close(fd)
                 if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                     raise
-                raise WorkdirLockedError(
-                    f"--workdir={os.path.dirname(self.path)} is in use by "
-                    f"{self._describe(self.path)}: two runs in one workdir would overwrite each "
-                    f"other. Wait for it to finish or stop it, or use another --workdir. (The "
-                    f"lock is {self.path}; a lock of a dead process is taken over by itself.)"
-                ) from None
+                raise self._locked_error() from None
             try:  # the file may have been unlinked by its previous holder meanwhile
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
@@ -296,18 +352,53 @@ class WorkdirLock:
                 logger.info(
                     "taking over the lock of a run that ended: %s", self._describe(self.path)
                 )
-            info = {
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "started": datetime.datetime.now().isoformat(" ", "seconds"),
-            }
             os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+            os.pwrite(fd, (json.dumps(self._info()) + "\n").encode(), 0)
             self._fd = fd
             return self
         raise WorkdirLockedError(f"cannot take the lock {self.path}: it keeps changing")
 
+    def _write_heartbeat(self, started: str) -> None:
+        info = {**self._info(), "started": started, "token": self._token, "heartbeat": time.time()}
+        files.write_text_atomic(self.path, json.dumps(info) + "\n")
+
+    def _enter_heartbeat(self) -> WorkdirLock:
+        previous = self._read(self.path) if files.exists(self.path) else None
+        if self._alive(previous):
+            raise self._locked_error()
+        if previous is not None:
+            logger.info("taking over the lock of a run that ended: %s", self._describe(self.path))
+        self._token = uuid.uuid4().hex
+        started = self._info()["started"]
+        self._write_heartbeat(started)
+        time.sleep(self.SETTLE_S)
+        if (self._read(self.path) or {}).get("token") != self._token:  # another start won
+            self._token = None
+            raise self._locked_error()
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._beat, args=(started,), name="didistill-lock-heartbeat", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def _beat(self, started: str) -> None:
+        while not self._stop.wait(self.HEARTBEAT_S):
+            try:
+                self._write_heartbeat(started)
+            except Exception:  # a transient store error: the next beat tries again
+                logger.warning("could not refresh the lock %s", self.path, exc_info=True)
+
     def __exit__(self, *exc) -> None:
+        if self._token is not None:
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join()
+                self._thread = None
+            with contextlib.suppress(OSError):
+                if (self._read(self.path) or {}).get("token") == self._token:
+                    files.remove(self.path)
+            self._token = None
         if self._fd is None:
             return
         with contextlib.suppress(OSError):

@@ -21,8 +21,8 @@ Only process 0 writes. Every metrics line also gets, besides the method's metric
 methods that update one optimizer several times a step advance its schedule faster).
 `TIMING_KEYS` are the keys that differ between otherwise identical runs.
 
-Work directories may be any `etils.epath` path, gs:// included (`pip install gcsfs`):
-`open_path` and `makedirs` go through epath, so local paths take the same code.
+Work directories may be any `etils.epath` path, gs:// included (`pip install gcsfs`): the
+writers' files go through epath, as every workdir file does (`files.py`).
 """
 
 from __future__ import annotations
@@ -191,8 +191,8 @@ def make_writers(config, workdir: str, metrics_path: str, start: int, is_main: b
 def comparable_metrics(workdir: str) -> list[dict[str, Any]]:
     """The lines of `<workdir>/metrics.jsonl` without `TIMING_KEYS`: what two runs of the same
     config share bit for bit (resume and fault-injection tests compare these)."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        lines = [json.loads(line) for line in f]
+    text = epath.Path(workdir, "metrics.jsonl").read_text()
+    lines = [json.loads(line) for line in text.splitlines()]
     return [{k: v for k, v in line.items() if k not in TIMING_KEYS} for line in lines]
 
 

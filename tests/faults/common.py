@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -24,6 +26,18 @@ def env(**extra):
 
 def main_args(workdir, *flags, config=DUMMY):
     return [sys.executable, "-m", "didistill.main", config, f"--workdir={workdir}", *flags]
+
+
+@contextlib.contextmanager
+def children_handle_sigint():
+    """Children started inside handle SIGINT as Ctrl-C. A shell ignores SIGINT in jobs started
+    with `&` (pytest in the background), children inherit an ignored SIGINT and Python leaves
+    it ignored; a handler in this process is reset to the default by exec instead."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_main(workdir, *flags, config=DUMMY, timeout=300, **extra_env):
@@ -94,3 +108,52 @@ def snapshot(directory) -> dict[str, bytes]:
             with open(path, "rb") as f:
                 out[os.path.relpath(path, directory)] = f.read()
     return out
+
+
+# Run in the child before `didistill.main`: every write under ROOT fails with EROFS, as on a
+# file system mounted read-only (root ignores chmod, so a read-only directory cannot be made).
+_READ_ONLY = """
+import builtins, errno, os, runpy, sys
+ROOT = os.path.abspath(sys.argv.pop(1))
+
+def _guard(path, writing):
+    if writing and os.path.abspath(os.fsdecode(path)).startswith(ROOT):
+        raise OSError(errno.EROFS, "Read-only file system", os.fsdecode(path))
+
+_open, _os_open = builtins.open, os.open
+
+def _open_ro(file, mode="r", *args, **kwargs):
+    if isinstance(file, (str, bytes, os.PathLike)):
+        _guard(file, any(c in mode for c in "wax+"))
+    return _open(file, mode, *args, **kwargs)
+
+def _os_open_ro(path, flags, *args, **kwargs):
+    _guard(path, flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC))
+    return _os_open(path, flags, *args, **kwargs)
+
+def _refuse(name):
+    original = getattr(os, name)
+    def refused(path, *args, **kwargs):
+        _guard(path, True)
+        return original(path, *args, **kwargs)
+    return refused
+
+builtins.open, os.open = _open_ro, _os_open_ro
+for _name in ("mkdir", "rename", "replace", "remove", "unlink", "rmdir", "truncate"):
+    setattr(os, _name, _refuse(_name))
+sys.argv[0] = "didistill.main"
+runpy.run_module("didistill.main", run_name="__main__", alter_sys=True)
+"""
+
+
+def run_main_read_only(workdir, *flags, config=DUMMY, timeout=300):
+    """`python -m didistill.main` with `workdir` on a (simulated) read-only file system."""
+    args = main_args(workdir, *flags, config=config)[3:]  # without python -m didistill.main
+    return subprocess.run(
+        [sys.executable, "-c", _READ_ONLY, str(workdir), *args],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

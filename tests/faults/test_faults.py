@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import jax
@@ -242,6 +243,46 @@ def test_disk_full_while_training_then_resume_gives_the_same_run(reference, tmp_
     _same_as_reference(run, reference, common.train(run, common.config()))
 
 
+def test_read_only_workdir_is_one_line_and_changes_nothing(reference, tmp_path):
+    """Root ignores chmod: the child's writes under the workdir fail with EROFS, as on a file
+    system mounted read-only (common.run_main_read_only)."""
+    run = _copy_of_reference(reference, tmp_path)
+    before = common.snapshot(run)
+    for workdir_ in (run, tmp_path / "fresh"):
+        if workdir_ != run:
+            os.makedirs(workdir_)
+        proc = common.run_main_read_only(workdir_)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
+        (line,) = common.error_lines(proc.stderr)
+        assert line.startswith("didistill: error: read-only file system"), line
+        assert str(workdir_) in line and "Use a writable --workdir" in line
+    assert common.snapshot(run) == before
+    assert os.listdir(tmp_path / "fresh") == []
+    proc = common.run_main(run)  # writable again: the run finishes as if nothing happened
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _same_as_reference(run, reference)
+
+
+def test_file_system_turning_read_only_mid_run_then_resume(reference, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    original = reporting.MetricsWriter.write
+
+    def write(self, step, values):
+        if step == 6:
+            raise OSError(errno.EROFS, "Read-only file system", self.path)
+        return original(self, step, values)
+
+    monkeypatch.setattr(reporting.MetricsWriter, "write", write)
+    with pytest.raises(OSError) as err:
+        common.train(run, common.config())
+    message = main._os_error_message(err.value)
+    assert message.startswith("read-only file system") and "metrics.jsonl" in message
+    assert not (run / workdir.LOCK_FILE).exists()
+    monkeypatch.setattr(reporting.MetricsWriter, "write", original)
+    _same_as_reference(run, reference, common.train(run, common.config()))
+
+
 # ------------------------------------------------------------------ lock
 
 
@@ -298,6 +339,83 @@ def test_kill_9_at_a_random_step_then_resume_gives_the_same_run(reference, tmp_p
     _same_as_reference(run, reference)
 
 
+# ------------------------------------------------------------------ Ctrl-C
+
+
+def test_ctrl_c_during_evaluation_then_rerun_evaluates(reference, tmp_path):
+    """SIGINT while `method.evaluate` runs: exit 130 with one line, no eval.json (nor a
+    temporary file), the lock released; the rerun evaluates the final checkpoint."""
+    run = tmp_path / "run"
+    with common.children_handle_sigint():
+        proc = subprocess.Popen(
+            common.main_args(run),
+            cwd=common.REPO,
+            env=common.env(DIDISTILL_DUMMY_EVAL_SLEEP_S="120"),  # long, for loaded machines
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "evaluating at step 12" in line:
+            break
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=120)
+    assert proc.returncode == 130, "".join(seen) + rest
+    assert "Traceback" not in rest
+    (line,) = common.error_lines(rest)
+    assert "interrupted (Ctrl-C)" in line and "rerun the same command" in line
+    names = os.listdir(run)
+    assert loop.EVAL_FILE not in names and workdir.LOCK_FILE not in names
+    assert not [n for n in names if ".tmp" in n]
+    assert common.checkpoint_steps(run) == [8, 12]
+    proc = common.run_main(run)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "evaluating at step 12" in proc.stderr and "resuming from the checkpoint at step 12" in (
+        proc.stderr
+    )
+    _same_as_reference(run, reference)
+
+
+# ------------------------------------------------------------------ outside the repository
+
+
+def test_runs_from_outside_the_repository(tmp_path):
+    """From another directory: a shipped config by name (here a mistake in it, one line) and
+    by path (a real toy run whose teacher is the shipped asset)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = common.env(PYTHONPATH=common.REPO)  # this checkout, as an editable install gives
+
+    def main_(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "didistill.main", *args],
+            cwd=elsewhere,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    proc = main_("--config=toy2d:forward_kl,smoke", "--workdir=bad", "--config.generator.kind=x")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = common.error_lines(proc.stderr)
+    assert "config.generator.kind='x' is invalid for the toy data" in line
+    config_path = os.path.join(common.REPO, "didistill", "configs", "toy2d.py")
+    proc = main_(
+        f"--config={config_path}:forward_kl,smoke",
+        "--workdir=run",
+        "--config.train.num_steps=2",
+        "--config.eval.num_samples=64",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((elsewhere / "run" / loop.CONFIG_FILE).read_text())
+    assert os.path.isfile(config["teacher"]["checkpoint"])  # the shipped asset, found
+    assert common.eval_json(elsewhere / "run")["step"] == 2
+    assert sorted(os.listdir(elsewhere)) == ["run"]  # nothing written elsewhere
+
+
 # ------------------------------------------------------------------ messages
 
 
@@ -320,6 +438,7 @@ def _bad_file(tmp_path, name, text):
         "missing_teacher",
         "wrong_teacher",
         "generator_kind",
+        "generator_kind_images",
         "eval_num_samples",
         "contradictory",
         "distributed_without_cluster",
@@ -351,6 +470,9 @@ def test_mistakes_are_one_line_naming_the_file_or_key(tmp_path, case):
     elif case == "generator_kind":
         config, flags = TOY, ["--config.generator.kind=foo"]
         expect = ["config.generator.kind='foo'", "'mlp', 'affine'"]
+    elif case == "generator_kind_images":
+        config, flags = "--config=digits_distill:forward_kl", ["--config.generator.kind=mlp"]
+        expect = ["config.generator.kind='mlp' is invalid for the images data", "'unet'"]
     elif case == "eval_num_samples":
         config, flags = TOY, ["--config.eval.num_samples=0"]
         expect = ["config.eval.num_samples=0 is invalid"]
