@@ -217,3 +217,27 @@ def test_cluster_environment_detection():
     assert main.cluster_environment({"TPU_WORKER_HOSTNAMES": "a,b"}) == "Cloud TPU slice"
     assert main.cluster_environment({"TPU_WORKER_HOSTNAMES": "localhost"}) is None
     assert main.maybe_initialize_distributed("off", {"JAX_COORDINATOR_ADDRESS": "h:1"}) is None
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_ctrl_c_while_python_imports_the_package_is_one_line(debug):
+    """`python -m didistill.X` imports didistill (and JAX) with sys.argv[0] == '-m' before X's
+    handlers exist; a Ctrl-C there ends in one line and exit 130 (a traceback with the debug
+    variable). A library user's KeyboardInterrupt is untouched."""
+    code = "import sys; sys.argv[0] = '-m'; import didistill; raise KeyboardInterrupt"
+    env = dict(os.environ, DIDISTILL_DEBUG="1" if debug else "")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if debug:
+        assert out.returncode == -signal.SIGINT and "Traceback" in out.stderr
+    else:
+        assert out.returncode == 130, out.stderr
+        assert out.stderr.strip().splitlines() == [
+            "didistill: error: interrupted (Ctrl-C) during start-up: nothing was written; "
+            "rerun the command."
+        ]
+    library = subprocess.run(
+        [sys.executable, "-c", "import didistill; raise KeyboardInterrupt"],
+        capture_output=True,
+        text=True,
+    )
+    assert library.returncode == -signal.SIGINT and "Traceback" in library.stderr
