@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -81,21 +80,6 @@ TINY_NETS = {  # the same architectures, tiny widths
         arch="adm",
     ),
 }
-
-
-def matmul_peak(n: int, repeats: int, dtype) -> dict:
-    """Best FLOP/s of a jitted [n, n] @ [n, n] matmul in `dtype` (default precision)."""
-    k1, k2 = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(k1, (n, n), dtype)
-    b = jax.random.normal(k2, (n, n), dtype)
-    matmul = jax.jit(jnp.matmul)
-    jax.block_until_ready(matmul(a, b))
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(matmul(a, b))
-        best = min(best, time.perf_counter() - start)
-    return {"n": n, "dtype": jnp.dtype(dtype).name, "flops_per_s": 2.0 * n**3 / best}
 
 
 def random_teacher(preset: str, tiny: bool):
@@ -248,7 +232,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--workloads: unknown {unknown}; known: {list(WORKLOADS)}")
     batches = parse_batches(args.batch, tiny)
     n = 256 if tiny else 8192
-    peaks = {d: matmul_peak(n, 3 if tiny else 10, jnp.dtype(d)) for d in dtypes}
+    peaks = {d: bench.matmul_peak(n, 3 if tiny else 10, jnp.dtype(d)) for d in dtypes}
     teachers, rows = {}, []
     for name in names:
         preset = WORKLOADS[name][2]

@@ -79,11 +79,11 @@ def median_seconds(fn, *args, repeats: int) -> float:
     return statistics.median(times)
 
 
-def matmul_peak(n: int, repeats: int) -> dict:
-    """Best FLOP/s of a jitted [n, n] @ [n, n] float32 matmul (default precision)."""
+def matmul_peak(n: int, repeats: int, dtype=jnp.float32) -> dict:
+    """Best FLOP/s of a jitted [n, n] @ [n, n] matmul in `dtype` (default precision)."""
     k1, k2 = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(k1, (n, n), jnp.float32)
-    b = jax.random.normal(k2, (n, n), jnp.float32)
+    a = jax.random.normal(k1, (n, n), dtype)
+    b = jax.random.normal(k2, (n, n), dtype)
     matmul = jax.jit(jnp.matmul)
     jax.block_until_ready(matmul(a, b))
     best = math.inf
@@ -91,7 +91,12 @@ def matmul_peak(n: int, repeats: int) -> dict:
         start = time.perf_counter()
         jax.block_until_ready(matmul(a, b))
         best = min(best, time.perf_counter() - start)
-    return {"n": n, "best_s": best, "flops_per_s": 2.0 * n**3 / best}
+    return {
+        "n": n,
+        "dtype": jnp.dtype(dtype).name,
+        "best_s": best,
+        "flops_per_s": 2.0 * n**3 / best,
+    }
 
 
 def _flops(compiled) -> float:

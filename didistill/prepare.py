@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import http.client
 import importlib.util
 import json
@@ -63,6 +62,8 @@ import sys
 import urllib.error
 import urllib.request
 from typing import Any
+
+from didistill.train.files import sha256_file
 
 PROG = "didistill.prepare"
 EDM_PRETRAINED = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
@@ -132,14 +133,6 @@ class PrepareError(Exception):
 
 def default_data_dir() -> str:
     return os.path.expanduser(os.environ.get("DIDISTILL_DATA_DIR") or "~/.cache/didistill")
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import scipy.linalg
 from didistill.distill.one_step.image_generator import from_network_file
 from didistill.eval import fid
 from didistill.eval import generator_fid as gf
+from didistill.train import files as train_files
 from didistill.train.errors import ConfigError
 from tests.fid_files import FEATURES, fid_files, save_feature_net, save_reference
 
@@ -93,7 +94,7 @@ class TestGeneratorFID:
         protocol = out["fid_protocol"]
         assert protocol["num_samples"] == 16 and protocol["seed_sets"] == 2
         assert protocol["sample_indices"] == [[0, 15], [16, 31]]
-        assert protocol["reference"]["sha256"] == gf.sha256_file(reference)
+        assert protocol["reference"]["sha256"] == train_files.sha256_file(reference)
         assert protocol["reference"]["resolution"] == 8
         assert protocol["feature_network"]["features"] == FEATURES
         one_batch = gf.evaluate_fid(

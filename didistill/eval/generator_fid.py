@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import os
 import re
 from collections.abc import Callable
@@ -49,6 +48,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from didistill.eval import fid
+from didistill.train import files
 from didistill.train.errors import ConfigError
 
 KEY = "config.eval.fid"
@@ -111,14 +111,6 @@ def check_files(settings: FIDSettings, image_shape) -> None:
     load_reference(settings.reference, int(image_shape[0]), info["features"])
 
 
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # ----------------------------------------------------------------------------- feature network
 
 
@@ -146,7 +138,7 @@ def load_feature_network(path: str, image_shape) -> tuple[Callable, dict[str, An
 
 @functools.lru_cache(maxsize=4)  # the same jitted function again: no recompilation
 def _load_feature_network(path: str, image_shape, _mtime_ns: int):
-    info = {"file": path, "sha256": sha256_file(path)}
+    info = {"file": path, "sha256": files.sha256_file(path)}
     if _is_inception_npz(path):
         from didistill.nets import inception
 
@@ -222,7 +214,7 @@ def load_reference(path: str, resolution: int, num_features: int) -> tuple[np.nd
             f"{KEY}.reference={path!r} has {mu.shape[0]} features, the feature network "
             f"{KEY}.inception gives {num_features}: both must come from the same network"
         )
-    info = {"file": os.path.abspath(path), "sha256": sha256_file(path), "resolution": ref_res}
+    info = {"file": os.path.abspath(path), "sha256": files.sha256_file(path), "resolution": ref_res}
     return mu, sigma, info
 
 

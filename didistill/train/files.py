@@ -19,6 +19,7 @@ checkpoints to the same places through tensorstore). What differs on an object s
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 from collections.abc import Iterator
@@ -86,6 +87,15 @@ def open_file(p, mode: str = "r"):
 
 def read_text(p) -> str:
     return epath.Path(p).read_text()
+
+
+def sha256_file(p) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks (local or gs://)."""
+    digest = hashlib.sha256()
+    with open_file(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def rename(source, target) -> None:
@@ -169,6 +179,7 @@ __all__ = [
     "read_text",
     "remove",
     "rename",
+    "sha256_file",
     "replace",
     "walk_files",
     "write_text_atomic",

@@ -91,14 +91,6 @@ def _is_neutral(key: str, extra: tuple[str, ...]) -> bool:
     return any(key == n or key.startswith(n + ".") for n in (*NEUTRAL_KEYS, *extra))
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def describe(config) -> dict[str, Any]:
     """{"config": flat fingerprinted keys, "files": {key: sha256}, "num_steps": N}."""
     resolved = json.loads(config.to_json_best_effort(sort_keys=True))
@@ -106,11 +98,12 @@ def describe(config) -> dict[str, Any]:
     extra = tuple(flat.get("fingerprint_ignore") or ())
     num_steps = flat.get("train.num_steps")
     kept = {k: v for k, v in flat.items() if k != "train.num_steps" and not _is_neutral(k, extra)}
-    files = {}
-    for key, value in kept.items():
-        if isinstance(value, str) and value and os.path.isfile(value):
-            files[key] = _sha256(value)
-    return {"config": kept, "files": files, "num_steps": num_steps}
+    hashes = {
+        key: files.sha256_file(value)
+        for key, value in kept.items()
+        if isinstance(value, str) and value and os.path.isfile(value)
+    }
+    return {"config": kept, "files": hashes, "num_steps": num_steps}
 
 
 def fingerprint(description: dict[str, Any]) -> str:
