@@ -59,6 +59,23 @@ def text_data(language: str, length: int = 64) -> ml_collections.ConfigDict:
     )
 
 
+def text_eval(sample_steps=(8, 16, 32), **extra) -> ml_collections.ConfigDict:
+    """`config.eval` of the text methods: samples drawn at each of `sample_steps`, judged by
+    the exact language or, for real text, by `judge` ("package.module:factory", e.g.
+    "didistill.eval.gen_ppl:gpt2_judge" with its files in `judge_dir`), `perplexity_batch_size`
+    samples per judge batch (MDLM's 8)."""
+    block = dict(
+        num_samples=512,
+        batch_size=256,
+        sample_steps=tuple(sample_steps),
+        judge_smoothing=1e-4,
+        judge="",
+        judge_dir="",
+        perplexity_batch_size=8,
+    )
+    return ml_collections.ConfigDict(dict(block, **extra))
+
+
 def parse_arg(arg, config_name: str, slots=None, flags=(), defaults=None, usage=""):
     """The one parser of `--config=FILE.py:ARG` arguments: ARG is comma-separated tokens in any
     order, each either a value of one named slot (e.g. a method, a divergence, a language) or

@@ -66,17 +66,7 @@ def get_config(arg=None):
         schedule="warmup_linear_decay",
     )  # fmt: skip
     config.ema_decay = 0.999
-    config.eval = ml_collections.ConfigDict(
-        dict(
-            num_samples=512,
-            batch_size=256,
-            sample_steps=(8, 16, 32),
-            judge_smoothing=1e-4,
-            judge="",  # real text: "didistill.eval.gen_ppl:gpt2_judge" (or another factory)
-            judge_dir="",  # the GPT-2 judge's files
-            perplexity_batch_size=8,
-        )
-    )
+    config.eval = base.text_eval()
     # Reward-guided ancestral sampler (didistill/distill/discrete/guided_sampling.py), reported as
     # student_guided/steps{N}/... next to the plain student. Defaults: the reference's released
     # setting (configs/algo/didi_instruct.yaml @ 7825a02: guidance 30 -> 40, 4 candidates,

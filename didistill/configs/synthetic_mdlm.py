@@ -40,19 +40,11 @@ def get_config(arg=None):
     )
     config.ema_decay = 0.999
     config.ema_warmup = True
-    config.eval = ml_collections.ConfigDict(
-        dict(
-            num_samples=512,
-            batch_size=256,
-            sample_steps=(8, 32, 128),
-            float64=False,  # Gumbel sampling in float64 (x64 mode inside evaluate)
-            judge_smoothing=1e-4,
-            judge="",  # real text: "package.module:factory" -> judge(tokens) -> nll
-            judge_dir="",  # the GPT-2 judge's files (didistill.eval.gen_ppl:gpt2_judge)
-            perplexity_batch_size=8,  # samples per judge batch (MDLM's)
-            heldout_batches=4,
-            num_t=4,
-        )
+    config.eval = base.text_eval(
+        (8, 32, 128),
+        float64=False,  # Gumbel sampling in float64 (x64 mode inside evaluate)
+        heldout_batches=4,
+        num_t=4,
     )
 
     config.train.num_steps = 5000

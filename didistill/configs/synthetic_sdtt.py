@@ -44,17 +44,7 @@ def get_config(arg=None):
         name="adamw", learning_rate=1e-4, warmup_steps=100, grad_clip_norm=1.0
     )
     config.ema_decay = 0.995
-    config.eval = ml_collections.ConfigDict(
-        dict(
-            num_samples=512,
-            batch_size=256,
-            sample_steps=(8, 16, 32),
-            judge_smoothing=1e-4,
-            judge="",  # real text: "didistill.eval.gen_ppl:gpt2_judge" (or another factory)
-            judge_dir="",  # the GPT-2 judge's files
-            perplexity_batch_size=8,
-        )
-    )
+    config.eval = base.text_eval()
     config.train.num_steps = 1500  # rounds * steps_per_round
     config.train.batch_size = 64
     config.train.log_every = 50
