@@ -36,7 +36,7 @@ Methods (`config.method`):
 | dmd2 | same | reverse_kl (h = 1) | yes |
 | diff_instruct | same, unit time weight | reverse_kl | no |
 | sid | SiD, gradients through the networks' inputs | (reverse KL) | no |
-| uni_instruct | h-weighted SiD + DI term from grad h | any registered | yes |
+| uni_instruct | h-weighted SiD (+ our DI term with `di_term='derived'`) | any registered | yes |
 | vdot | DMD + OT direction (Sinkhorn), fake score to teacher | reverse_kl | yes |
 
 The methods differ only in their row of `one_step.table.METHODS`.

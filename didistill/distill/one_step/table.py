@@ -131,7 +131,7 @@ METHODS: dict[str, OneStepMethod] = {
     ),
     # SiD (Zhou et al. 2024): score identity, gradients through the networks' inputs
     "sid": OneStepMethod(_sid, "reverse_kl", gan=False, alpha=1.2, sigma_g=2.5, **_SID_NOISE),
-    # Uni-Instruct (Wang et al. 2025): h-weighted SiD + Diff-Instruct term, any divergence, GAN
+    # Uni-Instruct (Wang et al. 2025): h-weighted SiD (+ optional DI term), any divergence, SiDA GAN
     "uni_instruct": OneStepMethod(
         _uni_instruct,
         None,
