@@ -89,7 +89,7 @@ GRID_ZOOM = 4
 def _settings(quick: bool) -> dict:
     if quick:
         return {"steps": 100, "methods": QUICK_METHODS, "num_samples": 500, "teacher_nfe": "35,9"}
-    return {"steps": 200, "methods": METHODS, "num_samples": 1000, "teacher_nfe": "35,17,9,5"}
+    return {"steps": 500, "methods": METHODS, "num_samples": 1000, "teacher_nfe": "35,17,9,5"}
 
 
 def student_config(method: str, seed: int, steps: int, args):
@@ -103,10 +103,16 @@ def student_config(method: str, seed: int, steps: int, args):
     config.distill.critic_steps = args.critic_steps
     config.optim_generator.learning_rate = args.generator_lr
     config.optim_discriminator.learning_rate = args.discriminator_lr
-    config.train.checkpoint_every = steps
+    # SiD's EMA for every student: half-life min(ema_halflife, ema_rampup x images seen)
+    config.distill.ema_halflife_images = args.ema_halflife_kimg * 1000.0
+    config.distill.ema_rampup_ratio = args.ema_rampup
+    config.train.checkpoint_every = min(steps, 200)
     config.train.progress = False
     config.eval.num_samples = args.num_samples
     config.eval.batch_size = min(500, args.num_samples)
+    config.eval.every = args.eval_every  # the FID-vs-step curve
+    config.eval.periodic_samples = args.curve_samples
+    config.eval.grid_samples = GRID_COLUMNS
     config.eval.teacher_nfe = 0  # the teacher rows are computed once, below
     return config
 
@@ -166,32 +172,134 @@ def run_student(config, workdir: str) -> tuple[dict, np.ndarray]:
 
     The results also hold the discriminator's loss and the std of log r over the last logged
     `train.log_every` steps (`train/...`): 2 log 2 and 0 mean the discriminator has learned
-    nothing, r = 1, and every f-divergence's weight h(r) is the same.
+    nothing, r = 1, and every f-divergence's weight h(r) is the same; `curve`, the
+    [[step, FID of `eval.periodic_samples` samples, training seconds]] of the periodic
+    evaluations; and `train_seconds`, the wall time of training (first to last log line,
+    evaluations excluded: the time of a log line minus the evaluation time before it).
     """
     results = dict(common.train_run(config, workdir))
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        last = json.loads(f.read().splitlines()[-1])
+        lines = [json.loads(line) for line in f.read().splitlines()]
+    train_lines = [m for m in lines if "discriminator_loss" in m or "generator_loss" in m]
     for key in ("discriminator_loss", "std_log_r"):
-        if key in last:
-            results[f"train/{key}"] = last[key]
+        if key in train_lines[-1]:
+            results[f"train/{key}"] = train_lines[-1][key]
+    results["curve"] = training_curve(lines)
+    results["train_seconds"] = results["curve"][-1][2] if results["curve"] else None
     return results, np.load(os.path.join(workdir, "samples.npy"))
+
+
+def training_curve(lines: list[dict]) -> list[list[float]]:
+    """[[step, periodic feature FID, training seconds]] from a run's metrics.jsonl lines.
+
+    Training seconds at a step add up the engine's log windows before it (steps / steps_per_sec,
+    which leaves out evaluations, includes compilation in the first window and, in a resumed
+    run, the restart's compilation), interpolated inside a window.
+    """
+    steps, seconds = [0], [0.0]
+    for m in lines:
+        if m.get("steps_per_sec"):
+            seconds.append(seconds[-1] + (m["step"] - steps[-1]) / m["steps_per_sec"])
+            steps.append(m["step"])
+    points = [(m["step"], m["eval/feature_fid"]) for m in lines if "eval/feature_fid" in m]
+    return [[step, fid, float(np.interp(step, steps, seconds))] for step, fid in points]
 
 
 def markdown(rows: list[dict], header: str) -> str:
     lines = [
         header,
         "",
-        "| model | NFE | seeds | digits FID | disc. loss | std log r |",
-        "|---|---|---|---|---|---|",
+        "| model | NFE | seeds | digits FID | disc. loss | std log r | train min |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         fid = f"{row['fid']:.2f}" + (f" ± {row['fid_std']:.2f}" if row["seeds"] > 1 else "")
         nfe = row["nfe"] if row["nfe"] else "-"
         disc = [f"{row[k]:.3f}" if k in row else "-" for k in ("disc_loss", "std_log_r")]
+        minutes = f"{row['train_seconds'] / 60:.1f}" if "train_seconds" in row else "-"
         lines.append(
-            f"| {row['name']} | {nfe} | {row['seeds']} | {fid} | " + " | ".join(disc) + " |"
+            f"| {row['name']} | {nfe} | {row['seeds']} | {fid} | "
+            + " | ".join(disc)
+            + f" | {minutes} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def distillation_cost(runs: dict[str, list[dict]], teacher_fid: dict[int, float]) -> list[dict]:
+    """Per method: the first curve point at or below the teacher's FID at each NFE of
+    `teacher_fid` (its step and training seconds; None if never reached), per seed."""
+    cost = []
+    for method, seeds in runs.items():
+        for nfe, target in sorted(teacher_fid.items()):
+            hits = [next((p for p in r.get("curve", []) if p[1] <= target), None) for r in seeds]
+            cost.append(
+                {
+                    "method": method,
+                    "teacher_nfe": nfe,
+                    "teacher_fid": target,
+                    "reached": sum(h is not None for h in hits),
+                    "seeds": len(hits),
+                    "steps": [h[0] if h else None for h in hits],
+                    "seconds": [h[2] if h else None for h in hits],
+                }
+            )
+    return cost
+
+
+def cost_markdown(cost: list[dict], teacher_fid: dict[int, float]) -> str:
+    """Training steps and minutes until a student's curve first reaches the teacher's FID at
+    each NFE (mean over the seeds that reached it)."""
+    nfes = sorted(teacher_fid)
+    lines = [
+        "Training until the curve first reaches the teacher's FID (steps / minutes, mean over "
+        "the seeds that reached it; n/N seeds):",
+        "",
+        "| student | " + " | ".join(f"teacher {n} NFE ({teacher_fid[n]:.2f})" for n in nfes) + " |",
+        "|---|" + "---|" * len(nfes),
+    ]
+    for method in dict.fromkeys(c["method"] for c in cost):
+        cells = []
+        for nfe in nfes:
+            c = next(c for c in cost if c["method"] == method and c["teacher_nfe"] == nfe)
+            if not c["reached"]:
+                cells.append(f"not reached (0/{c['seeds']})")
+                continue
+            steps = np.mean([s for s in c["steps"] if s is not None])
+            minutes = np.mean([s for s in c["seconds"] if s is not None]) / 60
+            cells.append(f"{steps:.0f} / {minutes:.1f} ({c['reached']}/{c['seeds']})")
+        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(runs: dict[str, list[dict]], teacher_fid: dict[int, float], path: str) -> str:
+    """FID of the periodic evaluations against the generator step, one line per method (mean
+    over seeds, band min..max), the teacher's FID at each NFE as dashed lines."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.0, 4.5))
+    ax = fig.add_subplot(1, 1, 1)
+    for method, seeds in runs.items():
+        curves = [np.asarray(r["curve"], np.float64) for r in seeds if r.get("curve")]
+        if not curves:
+            continue
+        length = min(len(c) for c in curves)
+        fids = np.stack([c[:length, 1] for c in curves])  # [seeds, points]
+        steps = curves[0][:length, 0]
+        (line,) = ax.plot(steps, fids.mean(0), label=LABELS[method])
+        if len(curves) > 1:
+            ax.fill_between(steps, fids.min(0), fids.max(0), color=line.get_color(), alpha=0.2)
+    for nfe, value in sorted(teacher_fid.items()):
+        if nfe <= 17 or nfe == max(teacher_fid):
+            ax.axhline(value, color="gray", linestyle="--", linewidth=0.8)
+            ax.annotate(f"teacher {nfe} NFE", (0, value), fontsize=7, color="gray", va="bottom")
+    ax.set_yscale("log")
+    ax.set_xlabel("generator step")
+    ax.set_ylabel("digits feature FID (periodic samples)")
+    ax.legend(fontsize=7)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return path
 
 
 def save_grid(grids: dict[str, np.ndarray], path: str) -> str:
@@ -239,13 +347,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--num_samples", type=int, default=None, help="samples per model")
     parser.add_argument("--batch_size", type=int, default=64, help="generator batch (CPU-sized)")
     parser.add_argument("--critic_steps", type=int, default=2, help="critic updates per step")
-    parser.add_argument("--generator_lr", type=float, default=5e-5, help="generator Adam LR")
+    parser.add_argument("--generator_lr", type=float, default=2e-4, help="generator Adam LR")
     parser.add_argument("--discriminator_lr", type=float, default=1e-3, help="head Adam LR")
+    parser.add_argument("--ema_halflife_kimg", type=float, default=500.0, help="SiD's EMA")
+    parser.add_argument("--ema_rampup", type=float, default=0.05, help="SiD's EMA ramp-up")
+    parser.add_argument("--eval_every", type=int, default=50, help="curve: FID every N steps")
+    parser.add_argument("--curve_samples", type=int, default=1000, help="samples per curve FID")
     parser.add_argument("--teacher", default=assets.path("digits/teacher.msgpack"))
     parser.add_argument("--data_dir", default="data/tfds", help="tfds data_dir of the digits")
     common.add_cache_flag(parser)
     args = parser.parse_args(argv)
-    for name in ("seeds", "steps", "num_samples", "batch_size", "critic_steps"):
+    for name in ("seeds", "steps", "num_samples", "batch_size", "critic_steps", "curve_samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name}={getattr(args, name)}: must be >= 1")
     settings = _settings(args.quick)
@@ -295,8 +407,9 @@ def main(argv=None) -> dict:
         for key, name in (
             ("train/discriminator_loss", "disc_loss"),
             ("train/std_log_r", "std_log_r"),
+            ("train_seconds", "train_seconds"),
         ):
-            values = [r[key] for r in runs[method] if key in r]
+            values = [r[key] for r in runs[method] if r.get(key) is not None]
             if values:
                 rows[-1][name] = float(np.mean(values))
     header = (
@@ -305,15 +418,20 @@ def main(argv=None) -> dict:
         f"seed(s); {time.perf_counter() - start:.0f} s on {jax.devices()[0].device_kind}."
     )
     report = markdown(rows, header)
+    teacher_fid = {row["nfe"]: row["fid"] for row in rows if row["name"].startswith("teacher")}
+    cost = distillation_cost(runs, teacher_fid)
+    if cost:
+        report += "\n" + cost_markdown(cost, teacher_fid)
     os.makedirs(args.workdir, exist_ok=True)
     with open(os.path.join(args.workdir, "results.md"), "w") as f:
         f.write(report)
     settings = {"steps": steps, "seeds": args.seeds, "methods": methods, "teacher_nfe": nfes}
     settings.update(teacher=args.teacher, num_samples=args.num_samples)
     with open(os.path.join(args.workdir, "results.json"), "w") as f:
-        json.dump({"settings": settings, "table": rows, "runs": runs}, f, indent=2)
+        json.dump({"settings": settings, "table": rows, "cost": cost, "runs": runs}, f, indent=2)
     save_grid(grids, os.path.join(args.workdir, "samples.png"))
     plot(rows, os.path.join(args.workdir, "fid_bar.png"))
+    plot_curves(runs, teacher_fid, os.path.join(args.workdir, "fid_vs_step.png"))
     print(report)
     return {"table": rows, "runs": runs}
 

@@ -21,7 +21,8 @@ What the engine does, in order:
 5. Every `config.eval.every` steps (if > 0 and the method has `periodic_evaluate`) runs it on
    a gathered copy of the state with `fold_in(eval_key, step)` and writes its dict to
    `metrics.jsonl` as a line of that step (before that step's checkpoint, so a resumed run
-   redoes it if needed). Saves a checkpoint every `checkpoint_every` steps and at the end; with
+   redoes it if needed; its time is not counted in `steps_per_sec`). Saves a checkpoint
+   every `checkpoint_every` steps and at the end; with
    `config.train.keep_period` > 0 every checkpoint at a multiple of it is kept too. On
    SIGTERM/SIGINT it saves at the current step and returns with `preempted=True` (no
    evaluation).
@@ -200,7 +201,10 @@ class _Loop:
                     clock = self._log(step, report, clock)
                     self.ckpt.seal_finished()  # checksum the saves that are on disk
                 if self.eval_every and step % self.eval_every == 0:
+                    began = time.perf_counter()
                     self.periodic_evaluate(state, step)
+                    # steps/s counts training only: move the window's start past the evaluation
+                    clock = (clock[0] + time.perf_counter() - began, clock[1])
                 if tc.checkpoint_every and step % tc.checkpoint_every == 0:
                     self.save(state, step, window)
         self.save(state, step, window, window_json)

@@ -29,9 +29,11 @@
   (`didistill.eval.fid.classifier_fid`); and, when `config.eval.fid.inception` is set, the
   Inception FID of the student (`didistill.eval.generator_fid`: `config.eval.fid.num_samples`
   per seed set, sharded over every device and process, protocol recorded in eval.json);
-- periodic_evaluate (every `config.eval.every` steps, 0 = never): `samples/step_<S>.png` and,
-  when `config.eval.fid.inception` is set, `eval/fid` from `config.eval.periodic_samples`
-  samples (biased upwards against 50k: comparable only along one run's curve).
+- periodic_evaluate (every `config.eval.every` steps, 0 = never): `samples/step_<S>.png`,
+  `eval/feature_fid` (the classifier-feature FID, when `config.eval.feature_checkpoint` exists)
+  and, when `config.eval.fid.inception` is set, `eval/fid`, each from
+  `config.eval.periodic_samples` samples (biased upwards against 50k: comparable only along one
+  run's curve).
 Mixed precision: `config.model.compute_dtype = 'bfloat16'` runs every U-Net (teacher,
 generator, fake score) in bf16 with float32 parameters, outputs and losses.
 There are no exact densities: `exact_*` are None.
@@ -39,6 +41,7 @@ There are no exact densities: `exact_*` are None.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -177,6 +180,7 @@ def build(config) -> OneStepParts:
             yield out
 
     sample_student = jax.jit(generate_from)
+    feature_fid_fn = functools.cache(lambda: fid.classifier_fid(config))  # loaded once
     teacher_nfe = int(config.eval.teacher_nfe)  # 0: no teacher samples (fid_table has its own)
     heun_steps = edm.heun_steps_for_nfe(teacher_nfe) if teacher_nfe else 0
     sample_teacher = jax.jit(
@@ -202,7 +206,7 @@ def build(config) -> OneStepParts:
         results = {"student/nfe": num_steps}
         if teacher_nfe:
             results["teacher/nfe"] = edm.heun_nfe(heun_steps)
-        fid_fn = fid.classifier_fid(config)
+        fid_fn = feature_fid_fn()
         for name, x in samples.items():
             results[f"{name}/pixel_std"] = float(x.std())
             if fid_fn is not None:
@@ -231,6 +235,26 @@ def build(config) -> OneStepParts:
             path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
             plots.save_image_grid(np.asarray(grid), path)
         results = {"eval/pixel_std": float(np.asarray(grid).std())}
+        feature_fid = feature_fid_fn()
+        if feature_fid is not None:  # the digits FID of `periodic_samples` samples
+            n = config.eval.get("periodic_samples", 5000)
+            labels = jnp.arange(n) % num_classes if num_classes else None
+            z = jax.random.normal(jax.random.fold_in(key, 2), (n, *image_shape))
+            k_steps = jax.random.fold_in(key, 3)
+            chunk = config.eval.batch_size
+            samples = [
+                np.asarray(
+                    sample_student(
+                        params,
+                        z[s : s + chunk],
+                        None if labels is None else labels[s : s + chunk],
+                        jax.random.fold_in(k_steps, s),
+                    )
+                )
+                for s in range(0, n, chunk)
+            ]
+            results["eval/feature_fid"] = feature_fid(np.concatenate(samples))
+            results["eval/feature_fid_samples"] = n
         if fid_settings is not None:
             small = fid_settings.replace(
                 num_samples=config.eval.get("periodic_samples", 5000), seeds=1
