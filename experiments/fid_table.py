@@ -1,7 +1,7 @@
 """The digits FID table: the EDM teacher at several NFE against one-step students.
 
     .venv/bin/python experiments/fid_table.py [--quick] [--workdir runs/fid_table] [--seeds 1]
-        [--steps 500] [--methods dmd2,forward_kl,...] [--teacher_nfe 35,17,9,5]
+        [--steps 500] [--methods dmd2,forward_kl,...] [--teacher_nfe 35,17,13,11,9,5]
         [--num_samples 1000] [--batch_size 64] [--critic_steps 2] [--generator_lr 2e-4]
         [--discriminator_lr 1e-3] [--ema_halflife_kimg 500] [--ema_rampup 0.05]
         [--eval_every 50] [--curve_samples 1000] [--teacher PATH] [--data_dir DIR]
@@ -100,7 +100,7 @@ GRID_ZOOM = 4
 def _settings(quick: bool) -> dict:
     if quick:
         return {"steps": 100, "methods": QUICK_METHODS, "num_samples": 500, "teacher_nfe": "35,9"}
-    return {"steps": 500, "methods": METHODS, "num_samples": 1000, "teacher_nfe": "35,17,9,5"}
+    return {"steps": 500, "methods": METHODS, "num_samples": 1000, "teacher_nfe": "35,17,13,11,9,5"}
 
 
 def student_config(method: str, seed: int, steps: int, args):
@@ -354,7 +354,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, default=1, help="training seeds per student")
     parser.add_argument("--steps", type=int, default=None, help="generator steps (500; quick 100)")
     parser.add_argument("--methods", default=None, help=f"comma-separated among {METHODS}")
-    parser.add_argument("--teacher_nfe", default=None, help="Heun NFEs (35,17,9,5; quick 35,9)")
+    parser.add_argument("--teacher_nfe", default=None, help="Heun NFEs (35,17,13,11,9,5; quick 35,9)")
     parser.add_argument("--num_samples", type=int, default=None, help="samples per model")
     parser.add_argument("--batch_size", type=int, default=64, help="generator batch (CPU-sized)")
     parser.add_argument("--critic_steps", type=int, default=2, help="critic updates per step")
