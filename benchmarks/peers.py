@@ -61,13 +61,14 @@ from didistill import xla_cpu  # noqa: F401  (before the first computation: XLA:
 PARTS = ("dmd", "mdlm", "sampling")
 SIGMA_G = 80.0  # the generator's input noise level (FastGen / DMD2, cifar10_distill)
 TINY = dict(
-    channels=8, blocks=1, levels=1, resolution=8, batch=2, critic_steps=1, dit_width=32, dit_depth=1,
-    dit_heads=2, vocab=63, length=16, text_batch=2, sample_batch=2, text_steps=4, repeats=2,
+    channels=8, blocks=1, levels=1, resolution=8, batch=2, critic_steps=1, dit_width=32,
+    dit_depth=1, dit_heads=2, vocab=63, length=16, text_batch=2, sample_batch=2, text_steps=4,
+    repeats=2,
 )  # fmt: skip
-DEFAULT = dict(
-    channels=64, blocks=2, levels=3, resolution=32, batch=8, critic_steps=4, dit_width=768, dit_depth=12,
-    dit_heads=12, vocab=50257, length=128, text_batch=4, sample_batch=32, text_steps=16,
-    repeats=5,
+DEFAULT = dict(  # CPU-sized; the published CIFAR-10 U-Net is channels 128, blocks 4, batch 2048
+    channels=32, blocks=1, levels=3, resolution=32, batch=4, critic_steps=1, dit_width=768,
+    dit_depth=12, dit_heads=12, vocab=50257, length=64, text_batch=2, sample_batch=16,
+    text_steps=8, repeats=3,
 )  # fmt: skip
 REPORT_FIELDS = (
     "name", "settings", "ours_steps_per_s", "ref_steps_per_s", "ratio", "ours_compile_s",
@@ -278,6 +279,7 @@ def bench_dmd(s, repeats, compile_torch, log) -> dict:
         return out
 
     log("  dmd: timing ours ...")
+
     def keep_generator():  # the generator after one step, for the update comparison
         holder["g_after"] = jax.device_get(holder["state"][0])
 
@@ -285,7 +287,7 @@ def bench_dmd(s, repeats, compile_torch, log) -> dict:
         ours, repeats, jax.block_until_ready, keep_generator
     )
     g_after = holder["g_after"]
-    del holder, compiled
+    holder.clear()
     gc.collect()
 
     def tensors(arrays, images):
@@ -304,7 +306,7 @@ def bench_dmd(s, repeats, compile_torch, log) -> dict:
         nets = [edm_unet.from_flax(cfg, teacher) for _ in range(3)]
         ref = fastgen_dmd.DMDStep(*nets, sigma_g=SIGMA_G, compile_nets=mode == "compile")
         log(f"  dmd: timing the reference ({mode}) ...")
-        (t_fake, t_gen), t_first, t_med, t_mem = time_calls(lambda: ref(tinp), repeats)
+        (t_fake, t_gen), t_first, t_med, t_mem = time_calls(lambda ref=ref: ref(tinp), repeats)
         rows[mode] = dict(fake=t_fake.numpy(), vsd=float(t_gen), first=t_first, med=t_med,
                           mem=t_mem)  # fmt: skip
         if mode == "eager":  # the generator update of one step: ours vs the reference
@@ -318,7 +320,7 @@ def bench_dmd(s, repeats, compile_torch, log) -> dict:
                 num += float(np.sum((after[name] - named[name]) ** 2))
                 den += float(np.sum((after[name] - b) ** 2))
             update_gap = float(np.sqrt(num / max(den, 1e-30)))
-        del ref, nets
+        ref = nets = None
         gc.collect()
     eager = rows["eager"]
     ours_loss = dict(fake_score=[float(v) for v in np.asarray(j_fake)], vsd=float(j_vsd))
@@ -329,8 +331,9 @@ def bench_dmd(s, repeats, compile_torch, log) -> dict:
     )
     settings = (
         f"DDPM++ {s['resolution']}x{s['resolution']}x3, model_channels {s['channels']}, "
-        f"channel_mult {tuple(cfg['channel_mult'])}, {s['blocks']} blocks/level, attention at {cfg['attn_resolutions']}"
-        f", 10 classes; batch {s['batch']}, critic_steps {s['critic_steps']}; float32"
+        f"channel_mult {tuple(cfg['channel_mult'])}, {s['blocks']} blocks/level, attention at "
+        f"{cfg['attn_resolutions']}, 10 classes; batch {s['batch']}, critic_steps "
+        f"{s['critic_steps']}; float32"
     )
     row = dict(
         name="dmd step (FastGen DMD2 without GAN)",
@@ -390,9 +393,9 @@ def text_inputs(s, seed=0):
 def bench_mdlm(s, repeats, compile_torch, log) -> dict:
     torch = _torch()
     from benchmarks.peer_torch import mdlm
+    from didistill.configs import base
     from didistill.diffusion import masked
     from didistill.train.optim import apply_gradients, ema_update, make_optimizer
-    from didistill.configs import base
 
     net, variables = dit_setup(s)
     optim = dict(learning_rate=3e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
@@ -428,7 +431,7 @@ def bench_mdlm(s, repeats, compile_torch, log) -> dict:
 
     log("  mdlm: timing ours ...")
     j_loss, j_first, j_med, j_mem = time_calls(ours, repeats, jax.block_until_ready)
-    del holder, compiled, state
+    holder.clear()
     gc.collect()
     tx0, txt = torch.from_numpy(x0.astype(np.int64)), torch.from_numpy(xt.astype(np.int64))
     tt = torch.from_numpy(t)
@@ -438,9 +441,9 @@ def bench_mdlm(s, repeats, compile_torch, log) -> dict:
         ref = mdlm.TeacherStep(model, **optim, clip=1.0, ema_decay=decay,
                                compile_net=mode == "compile")  # fmt: skip
         log(f"  mdlm: timing the reference ({mode}) ...")
-        t_loss, t_first, t_med, t_mem = time_calls(lambda: ref(tx0, txt, tt), repeats)
+        t_loss, t_first, t_med, t_mem = time_calls(lambda ref=ref: ref(tx0, txt, tt), repeats)
         rows[mode] = dict(loss=float(t_loss), first=t_first, med=t_med, mem=t_mem)
-        del ref, model
+        ref = model = None
         gc.collect()
     eager = rows["eager"]
     settings = (
@@ -503,17 +506,24 @@ def bench_sampling(s, repeats, log) -> list[dict]:
 
     for k in (1, 4):
         sigmas = few_step.step_sigmas(SIGMA_G, k)
-        ours = jax.jit(lambda p, z, y, key, sigmas=sigmas: few_step.sample(step, p, z, sigmas, key, y))
+        ours = jax.jit(
+            lambda p, z, y, key, sigmas=sigmas: few_step.sample(step, p, z, sigmas, key, y)
+        )
         jz, jy = jnp.asarray(z), jnp.asarray(y)
         start = time.perf_counter()
         ours = ours.lower(params, jz, jy, key).compile()
         compile_s = time.perf_counter() - start
         log(f"  sampling: {k}-step images ...")
-        j_out, _, j_med, j_mem = time_calls(lambda: ours(params, jz, jy, key), repeats,
-                                            jax.block_until_ready)  # fmt: skip
+        j_out, _, j_med, j_mem = time_calls(
+            lambda ours=ours, jz=jz, jy=jy: ours(params, jz, jy, key),
+            repeats,
+            jax.block_until_ready,
+        )
         keys = jax.random.split(key, max(k - 1, 1))
-        noise = [torch.from_numpy(np.ascontiguousarray(np.moveaxis(
-            np.asarray(jax.random.normal(keys[i], z.shape)), -1, 1))) for i in range(k - 1)]  # fmt: skip
+        noise = [
+            torch.from_numpy(np.moveaxis(np.asarray(jax.random.normal(keys[i], z.shape)), -1, 1))
+            for i in range(k - 1)
+        ]  # few_step.sample's renoising noise, NCHW
 
         @torch.no_grad()
         def reference(sigmas=sigmas, noise=noise):
@@ -528,13 +538,13 @@ def bench_sampling(s, repeats, log) -> list[dict]:
         diff = float(np.max(np.abs(np.moveaxis(t_out.numpy(), 1, -1) - np.asarray(j_out))))
         rows.append(dict(
             name=f"{k}-step image student (images/s)",
-            settings=f"{unet_config(s)['model_channels']}-channel DDPM++ as the dmd line, batch {b}",
+            settings=f"the dmd line's DDPM++ ({s['channels']} channels), batch {b}",
             ours_steps_per_s=b / j_med, ref_steps_per_s=b / t_med, ratio=t_med / j_med,
             ours_compile_s=compile_s, ours_peak_rss_mib=_mib(j_mem),
             ref_peak_rss_mib=_mib(t_mem), ours_loss=None, ref_loss=None,
             loss_abs_diff=None, max_abs_image_diff=diff,
         ))  # fmt: skip
-    del ref
+    ref = None
     gc.collect()
 
     net, variables = dit_setup(s)
@@ -638,8 +648,11 @@ def parse_args(argv=None):
     parser.add_argument("--tiny", action="store_true", help="the test setting (seconds)")
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated of {PARTS}")
     parser.add_argument("--repeats", type=int, default=0, help="timed calls (0: the setting's)")
-    parser.add_argument("--torch_compile", action="store_true",
-                        help="also time the reference under torch.compile (compile time apart)")
+    parser.add_argument(
+        "--torch_compile",
+        action="store_true",
+        help="also time the reference under torch.compile (compile time apart)",
+    )
     parser.add_argument("--json", default="", help="write every figure to this JSON file")
     for key, value in DEFAULT.items():
         if key != "repeats":
@@ -661,9 +674,10 @@ def parse_args(argv=None):
             settings[key] = value
     if args.repeats:
         settings["repeats"] = args.repeats
-    if settings["dit_width"] % settings["dit_heads"] or (
-        settings["dit_width"] // settings["dit_heads"]
-    ) % 2:
+    if (
+        settings["dit_width"] % settings["dit_heads"]
+        or (settings["dit_width"] // settings["dit_heads"]) % 2
+    ):
         parser.error(
             f"--dit_width={settings['dit_width']} must split into --dit_heads="
             f"{settings['dit_heads']} heads of even size"
@@ -682,7 +696,9 @@ def main(argv=None) -> dict:
     args, parts, s = parse_args(argv)
     _torch()
     t0 = time.perf_counter()
-    log = lambda msg: print(f"[{time.perf_counter() - t0:6.1f} s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda msg: print(
+        f"[{time.perf_counter() - t0:6.1f} s] {msg}", file=sys.stderr, flush=True
+    )  # noqa: E731
     results = {
         "environment": environment("tiny" if args.tiny else "default", s["repeats"]),
         "settings": s,
