@@ -416,7 +416,7 @@ def bench_mdlm(s, repeats, compile_torch, log) -> dict:
         params, opt_state = apply_gradients(opt, params, opt_state, grads)
         return (params, opt_state, ema_update(ema, params, decay)), loss
 
-    state = (variables, opt.init(variables), variables)
+    state = (variables, opt.init(variables), jax.tree.map(jnp.copy, variables))  # own buffers
     args = tuple(jnp.asarray(a) for a in (x0, xt, t))
     log("  mdlm: compiling our step ...")
     start = time.perf_counter()
@@ -705,15 +705,20 @@ def main(argv=None) -> dict:
         "lines": [],
     }
     start = time.perf_counter()
+    def done(rows):  # each line on stderr as soon as it is measured
+        results["lines"].extend(rows)
+        for row in rows:
+            log("  " + json.dumps(row, default=float))
+
     if "dmd" in parts:
         log("dmd step ...")
-        results["lines"].append(bench_dmd(s, s["repeats"], args.torch_compile, log))
+        done([bench_dmd(s, s["repeats"], args.torch_compile, log)])
     if "mdlm" in parts:
         log("mdlm step ...")
-        results["lines"].append(bench_mdlm(s, s["repeats"], args.torch_compile, log))
+        done([bench_mdlm(s, s["repeats"], args.torch_compile, log)])
     if "sampling" in parts:
         log("sampling ...")
-        results["lines"].extend(bench_sampling(s, s["repeats"], log))
+        done(bench_sampling(s, s["repeats"], log))
     results["total_s"] = time.perf_counter() - start
     print_report(results)
     print(f"\ntotal {results['total_s']:.0f} s")
