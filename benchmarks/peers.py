@@ -416,7 +416,8 @@ def bench_mdlm(s, repeats, compile_torch, log) -> dict:
         params, opt_state = apply_gradients(opt, params, opt_state, grads)
         return (params, opt_state, ema_update(ema, params, decay)), loss
 
-    state = (variables, opt.init(variables), jax.tree.map(jnp.copy, variables))  # own buffers
+    copy = lambda: jax.tree.map(jnp.copy, variables)  # noqa: E731  (donated: own buffers)
+    state = (copy(), opt.init(variables), copy())
     args = tuple(jnp.asarray(a) for a in (x0, xt, t))
     log("  mdlm: compiling our step ...")
     start = time.perf_counter()
