@@ -142,10 +142,12 @@ class TeacherStep:
     """One MDLM training step: SUBS loss, AdamW, global-norm clipping and the EMA update
     (MDLM: `optimizer_step` then `self.ema.update`). `__call__(x0, xt, t) -> loss`."""
 
-    def __init__(self, model, lr, b1, b2, eps, weight_decay, clip, ema_decay, compile_net=False):
+    def __init__(
+        self, model, learning_rate, b1, b2, eps, weight_decay, clip, ema_decay, compile_net=False
+    ):
         self.model, self.clip, self.decay = model, clip, ema_decay
         self.forward = torch.compile(model) if compile_net else model
-        self.opt = torch.optim.AdamW(model.parameters(), lr, (b1, b2), eps, weight_decay)
+        self.opt = torch.optim.AdamW(model.parameters(), learning_rate, (b1, b2), eps, weight_decay)
         self.ema = [p.detach().clone() for p in model.parameters()]
 
     def __call__(self, x0, xt, t):
