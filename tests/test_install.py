@@ -78,6 +78,14 @@ def test_scikit_learn_is_a_runtime_dependency():
     assert "scikit-learn" in {r.name for r in install_requires()}
 
 
+def test_torch_is_only_the_optional_peers_extra():
+    """benchmarks/peers.py's PyTorch side: an extra, never in the lock `make test` installs."""
+    (req,) = extras()["peers"]
+    assert req.name == "torch" and Version("2.4") in req.specifier
+    assert "torch" not in _pins(LOCK)
+    assert "torch" not in {r.name for r in install_requires()}
+
+
 def test_the_lock_satisfies_every_range_of_setup_cfg():
     lock = _pins(LOCK)
     reqs = install_requires() + [r for name in ("test", "notebooks") for r in extras()[name]]

@@ -1,0 +1,733 @@
+"""Speed side by side with the PyTorch reference implementations (issue 21), on one machine.
+
+    python -m benchmarks.peers [--tiny] [--only=dmd,mdlm,sampling] [--repeats=N]
+                               [--torch_compile] [--json=out.json] [size flags]
+
+Needs the optional extra `peers` (`pip install -e '.[peers]'`, torch). Each line times the same
+work done by this library (jitted JAX) and by a plain-PyTorch transcription of the reference
+(`benchmarks/peer_torch/`, citing repository, commit and lines), from the same weights
+(ours, exported to the reference's state-dict names), the same inputs and the same noise
+(drawn once in NumPy / JAX and given to both), in float32 on both sides:
+
+  dmd       one FastGen DMD2 engine step without its GAN branch on EDM's DDPM++ U-Net
+            (`configs/cifar10_distill.py:dmd2` optimisers): `critic_steps` fake-score updates
+            (x0-MSE at Karras-index noise) + one generator update (VSD loss, AdamW, clip 10).
+            Ours: the library's `UNetDenoiser`, `one_step.losses.fake_score_loss`,
+            `f_distill_generator_loss` (reverse KL, DMD time weight), `train.optim`;
+            reference: `peer_torch.fastgen_dmd` on `peer_torch.edm_unet`.
+  mdlm      one MDLM teacher step on the DiT (layout 'mdlm'): SUBS continuous-time loss at
+            given t and masks, AdamW, clip 1, EMA 0.9999. Ours: `nets.dit.DiT`,
+            `diffusion.masked.subs_log_probs` / `nelbo_from_log_probs`; reference:
+            `peer_torch.mdlm` (kuleshov-group/mdlm's DIT and `_forward_pass_diffusion`).
+  sampling  images/s of the 1-step and 4-step image students (`one_step.few_step.sample`,
+            renoising noise shared) and tokens/s of the cached MDLM ancestral sampler
+            (`diffusion.masked.ancestral_sample`; the same Gumbel noise for the check).
+
+Per line: steps/s (or samples/s) of both, the ratio ours / reference, compile time apart
+(JAX: lower + compile; torch.compile: its first call minus a median step), peak memory of both
+as the peak resident-set-size increase over the timed calls (RSS read from /proc every 5 ms
+by a thread, relative to the RSS just before that side's first call; JAX also gives
+`memory_analysis()` temp bytes), and the loss values of both with their difference. Timing:
+one warm-up call (whose losses are the ones compared: both sides start from the same state),
+then `--repeats` calls, median. torch uses as many threads as XLA (the CPUs this process may
+run on: `os.sched_getaffinity`); both run in this process, JAX first.
+
+Equal work: the fake-score losses and the MDLM loss are the same quantity on both sides. Our
+generator loss is a surrogate with FastGen's gradient but another value
+(`divergences.score_difference_loss`), so the line compares FastGen's VSD value computed from
+our step's x0, D_phi and D_psi, and the generator updates themselves
+(|dtheta_ours - dtheta_ref| / |dtheta_ours| over all parameters).
+Not included: the DMD2 GAN branch (discriminator on the teacher's features), DiDi-Instruct's
+student step (no PyTorch transcription yet), dropout (off on both sides, for exact losses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from didistill import xla_cpu  # noqa: F401  (before the first computation: XLA:CPU flags)
+
+PARTS = ("dmd", "mdlm", "sampling")
+SIGMA_G = 80.0  # the generator's input noise level (FastGen / DMD2, cifar10_distill)
+TINY = dict(
+    channels=8, blocks=1, levels=1, resolution=8, batch=2, critic_steps=1, dit_width=32,
+    dit_depth=1, dit_heads=2, vocab=63, length=16, text_batch=2, sample_batch=2, text_steps=4,
+    repeats=2,
+)  # fmt: skip
+DEFAULT = dict(  # CPU-sized; the published CIFAR-10 U-Net is channels 128, blocks 4, batch 2048
+    channels=32, blocks=1, levels=3, resolution=32, batch=4, critic_steps=1, dit_width=768,
+    dit_depth=12, dit_heads=12, vocab=50257, length=64, text_batch=2, sample_batch=16,
+    text_steps=8, repeats=3,
+)  # fmt: skip
+REPORT_FIELDS = (
+    "name", "settings", "ours_steps_per_s", "ref_steps_per_s", "ratio", "ours_compile_s",
+    "ours_peak_rss_mib", "ref_peak_rss_mib", "ours_loss", "ref_loss", "loss_abs_diff",
+)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+class PeakRSS:
+    """Peak resident set size increase (bytes) while the block runs, sampled every 5 ms."""
+
+    def __init__(self):
+        self.page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def __enter__(self):
+        self.base, self.peak, self.stop = self.rss(), 0, False
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def _poll(self):
+        while not self.stop:
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self.stop = True
+        self.thread.join()
+        self.peak = max(self.peak, self.rss())
+        self.delta = self.peak - self.base
+
+
+def time_calls(call, repeats: int, block=lambda out: out, after_first=None):
+    """(first call's output, first call s, median s of `repeats` further calls, peak RSS delta);
+    `after_first()` runs after the first call, outside the timings."""
+    with PeakRSS() as mem:
+        start = time.perf_counter()
+        first = block(call())
+        first_s = time.perf_counter() - start
+        if after_first is not None:
+            after_first()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            block(call())
+            times.append(time.perf_counter() - start)
+    return first, first_s, statistics.median(times), mem.delta
+
+
+def _mib(n) -> float:
+    return n / 2**20
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as err:
+        raise SystemExit(
+            f"benchmarks.peers needs PyTorch ({err}); install the extra: pip install -e '.[peers]'"
+        ) from err
+    threads = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    return torch
+
+
+def random_params(shapes, seed: int):
+    """Random weights for a tree of shapes (`jax.eval_shape` of an init, so nothing compiles):
+    kernels N(0, 1/fan_in), norm scales 1 + N(0, 0.05^2), everything else N(0, 0.05^2). Every
+    layer is live (the zero-initialised output layers too), so the compared losses and
+    gradients depend on all of them."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = str(path[-1])
+        noise = rng.standard_normal(leaf.shape).astype(np.float32)
+        if "kernel" in name or "embedding" in name:
+            fan_in = int(np.prod(leaf.shape[:-1])) if "kernel" in name else 1
+            return jnp.asarray(noise / np.sqrt(fan_in))
+        if "scale" in name:
+            return jnp.asarray(1.0 + 0.05 * noise)
+        return jnp.asarray(0.05 * noise)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+# --------------------------------------------------------------------------- DMD step
+
+
+def unet_config(s) -> dict:
+    """EDM's CIFAR-10 DDPM++ (`convert_edm.PRESETS['edm-cifar10-cond']`) at a chosen width."""
+    from didistill.nets.convert_edm import PRESETS
+
+    cfg = dict(PRESETS["edm-cifar10-cond"])
+    cfg.update(model_channels=s["channels"], num_blocks=s["blocks"], img_resolution=s["resolution"])
+    cfg["channel_mult"] = [2] * s["levels"]  # EDM: (2, 2, 2)
+    res = s["resolution"]
+    cfg["attn_resolutions"] = [res // 2 if s["levels"] > 1 else res]  # 16 at 32x32, as EDM
+    return cfg
+
+
+def dmd_inputs(s, shape, label_dim, seed=0) -> dict:
+    """NumPy noise of one step: critic_* [K, B, ...] and gen_* [B, ...] (NHWC images)."""
+    from didistill.distill.one_step.noise import karras_grid_ascending
+
+    rng = np.random.default_rng(seed)
+    k, b = s["critic_steps"], s["batch"]
+    grid = karras_grid_ascending(1000, 0.002, 80.0).astype(np.float32)
+
+    def draw(*lead):
+        return dict(
+            z=rng.standard_normal((*lead, *shape), np.float32),
+            eps=rng.standard_normal((*lead, *shape), np.float32),
+            sigma=grid[rng.integers(2, 999, lead)],  # FastGen: indices [2, 998]
+            y=rng.integers(0, label_dim, lead),
+        )
+
+    critic, gen = draw(k, b), draw(b)
+    out = {f"critic_{n}": v for n, v in critic.items()}
+    out.update({f"gen_{n}": v for n, v in gen.items()})
+    return out
+
+
+def jax_dmd_step(net, critic_steps):
+    """This library's step (see the module docstring); returns jit-able step(state, teacher,
+    inputs) -> (state, (fake-score losses [K], surrogate loss, VSD value))."""
+    from didistill import divergences
+    from didistill.configs import cifar10_distill
+    from didistill.distill.one_step import losses
+    from didistill.train.optim import apply_gradients, make_optimizer
+
+    config = cifar10_distill.get_config("dmd2")
+    opt_g, opt_f = make_optimizer(config.optim_generator), make_optimizer(config.optim_fake_score)
+    reverse_kl = divergences.get("reverse_kl")
+    sg = jax.lax.stop_gradient
+
+    def gen(params, z, y):
+        return net.apply(params, SIGMA_G * z, jnp.full((z.shape[0],), SIGMA_G), y)
+
+    def noised(x0, sigma, eps):
+        return x0 + sigma[:, None, None, None] * eps
+
+    def step(state, teacher, inp):
+        g, g_opt, f, f_opt = state
+        fake_losses = []
+        for i in range(critic_steps):  # a Python loop, as one_step.method
+            y, sigma = inp["critic_y"][i], inp["critic_sigma"][i]
+            x0 = sg(gen(g, inp["critic_z"][i], y))
+            xt = noised(x0, sigma, inp["critic_eps"][i])
+
+            def fake_loss(p, xt=xt, x0=x0, sigma=sigma, y=y):
+                d = net.apply(p, xt, sigma, y)
+                return losses.fake_score_loss(d, x0, sigma, net.sigma_data, "none")
+
+            loss, grads = jax.value_and_grad(fake_loss)(f)
+            f, f_opt = apply_gradients(opt_f, f, f_opt, grads)
+            fake_losses.append(loss)
+
+        def gen_loss(p):
+            y, sigma = inp["gen_y"], inp["gen_sigma"]
+            x0 = gen(p, inp["gen_z"], y)
+            xt = noised(x0, sigma, inp["gen_eps"])
+            d_teacher, d_fake = net.apply(teacher, xt, sigma, y), net.apply(f, xt, sigma, y)
+            zero = jnp.zeros(x0.shape[0])
+            loss = losses.f_distill_generator_loss(x0, d_teacher, d_fake, zero, reverse_kl)
+            w = losses.dmd_normalizer(x0, d_teacher)[:, None, None, None]
+            vsd = 0.5 * jnp.mean(((d_fake - d_teacher) * w) ** 2)  # FastGen's value
+            return loss, sg(vsd)
+
+        (loss, vsd), grads = jax.value_and_grad(gen_loss, has_aux=True)(g)
+        g, g_opt = apply_gradients(opt_g, g, g_opt, grads)
+        return (g, g_opt, f, f_opt), (jnp.stack(fake_losses), loss, vsd)
+
+    return step, opt_g, opt_f
+
+
+def bench_dmd(s, repeats, compile_torch, log) -> dict:
+    torch = _torch()
+    from benchmarks.peer_torch import edm_unet, fastgen_dmd
+    from didistill.nets.convert_edm import export_state_dict, param_template, unet_from_config
+
+    cfg = unet_config(s)
+    net, shape = unet_from_config(cfg)
+    teacher = random_params(param_template(net, shape), seed=0)
+    inputs = dmd_inputs(s, shape, net.label_dim)
+    step, opt_g, opt_f = jax_dmd_step(net, s["critic_steps"])
+
+    def fresh_state():  # generator and fake score start from the teacher (own buffers)
+        g, f = jax.tree.map(jnp.copy, teacher), jax.tree.map(jnp.copy, teacher)
+        return (g, opt_g.init(g), f, opt_f.init(f))
+
+    state = fresh_state()
+    jinp = {k: jnp.asarray(v) for k, v in inputs.items()}
+    log("  dmd: compiling our step ...")
+    start = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=0).lower(state, teacher, jinp).compile()
+    compile_s = time.perf_counter() - start
+    temp = compiled.memory_analysis()
+    holder = {"state": state}
+
+    def ours():
+        holder["state"], out = compiled(holder["state"], teacher, jinp)
+        return out
+
+    log("  dmd: timing ours ...")
+
+    def keep_generator():  # the generator after one step, for the update comparison
+        holder["g_after"] = jax.device_get(holder["state"][0])
+
+    (j_fake, _, j_vsd), j_first, j_med, j_mem = time_calls(
+        ours, repeats, jax.block_until_ready, keep_generator
+    )
+    g_after = holder["g_after"]
+    holder.clear()
+    gc.collect()
+
+    def tensors(arrays, images):
+        out = {}
+        for k, v in arrays.items():
+            if k.endswith("_y"):
+                v = np.eye(net.label_dim, dtype=np.float32)[v]
+            elif images and v.ndim >= 4:
+                v = np.moveaxis(v, -1, -3)  # NHWC -> NCHW
+            out[k] = torch.from_numpy(np.ascontiguousarray(v))
+        return out
+
+    tinp = tensors(inputs, images=True)
+    rows = {}
+    for mode in ("eager", "compile") if compile_torch else ("eager",):
+        nets = [edm_unet.from_flax(cfg, teacher) for _ in range(3)]
+        ref = fastgen_dmd.DMDStep(*nets, sigma_g=SIGMA_G, compile_nets=mode == "compile")
+        log(f"  dmd: timing the reference ({mode}) ...")
+        (t_fake, t_gen), t_first, t_med, t_mem = time_calls(lambda ref=ref: ref(tinp), repeats)
+        rows[mode] = dict(fake=t_fake.numpy(), vsd=float(t_gen), first=t_first, med=t_med,
+                          mem=t_mem)  # fmt: skip
+        if mode == "eager":  # the generator update of one step: ours vs the reference
+            check = [edm_unet.from_flax(cfg, teacher) for _ in range(3)]
+            fastgen_dmd.DMDStep(*check, sigma_g=SIGMA_G)(tinp)
+            named = {k: v.detach().numpy() for k, v in check[0].state_dict().items()}
+
+            before, after = export_state_dict(teacher), export_state_dict(g_after)
+            num = den = 0.0
+            for name, b in before.items():
+                num += float(np.sum((after[name] - named[name]) ** 2))
+                den += float(np.sum((after[name] - b) ** 2))
+            update_gap = float(np.sqrt(num / max(den, 1e-30)))
+        ref = nets = None
+        gc.collect()
+    eager = rows["eager"]
+    ours_loss = dict(fake_score=[float(v) for v in np.asarray(j_fake)], vsd=float(j_vsd))
+    ref_loss = dict(fake_score=[float(v) for v in eager["fake"]], vsd=eager["vsd"])
+    diff = max(
+        [abs(a - b) for a, b in zip(ours_loss["fake_score"], ref_loss["fake_score"], strict=True)]
+        + [abs(ours_loss["vsd"] - ref_loss["vsd"])]
+    )
+    settings = (
+        f"DDPM++ {s['resolution']}x{s['resolution']}x3, model_channels {s['channels']}, "
+        f"channel_mult {tuple(cfg['channel_mult'])}, {s['blocks']} blocks/level, attention at "
+        f"{cfg['attn_resolutions']}, 10 classes; batch {s['batch']}, critic_steps "
+        f"{s['critic_steps']}; float32"
+    )
+    row = dict(
+        name="dmd step (FastGen DMD2 without GAN)",
+        settings=settings,
+        ours_steps_per_s=1 / j_med,
+        ref_steps_per_s=1 / eager["med"],
+        ratio=eager["med"] / j_med,
+        ours_compile_s=compile_s,
+        ours_first_call_s=j_first,
+        ours_temp_mib=_mib(getattr(temp, "temp_size_in_bytes", 0)) if temp else None,
+        ours_peak_rss_mib=_mib(j_mem),
+        ref_peak_rss_mib=_mib(eager["mem"]),
+        ours_loss=ours_loss,
+        ref_loss=ref_loss,
+        loss_abs_diff=diff,
+        generator_update_rel_gap=update_gap,
+    )
+    if "compile" in rows:
+        c = rows["compile"]
+        row.update(
+            ref_compiled_steps_per_s=1 / c["med"],
+            ref_compiled_compile_s=c["first"] - c["med"],
+            ratio_vs_compiled=c["med"] / j_med,
+            ref_compiled_peak_rss_mib=_mib(c["mem"]),
+            ref_compiled_loss_abs_diff=float(np.max(np.abs(c["fake"] - eager["fake"]))),
+        )
+    return row
+
+
+# --------------------------------------------------------------------------- MDLM step
+
+
+def dit_setup(s):
+    from didistill.nets.dit import DiT
+
+    net = DiT(
+        vocab_size=s["vocab"], max_length=s["length"], width=s["dit_width"],
+        depth=s["dit_depth"], num_heads=s["dit_heads"], cond_dim=128, layout="mdlm",
+        attention="xla",
+    )  # fmt: skip
+    tokens = jnp.zeros((1, s["length"]), jnp.int32)
+    shapes = jax.eval_shape(net.init, jax.random.key(1), tokens, jnp.ones((1,)))
+    return net, random_params(shapes, seed=1)
+
+
+def text_inputs(s, seed=0):
+    """x0 [B, L] tokens, t [B] (low-discrepancy as MDLM's antithetic sampling), x_t."""
+    rng = np.random.default_rng(seed)
+    b, length, v = s["text_batch"], s["length"], s["vocab"]
+    x0 = rng.integers(0, v, (b, length))
+    t = 1e-3 + (1 - 1e-3) * ((rng.random() + np.arange(b) / b) % 1.0)
+    masked = rng.random((b, length)) < ((1 - 1e-3) * t)[:, None]
+    xt = np.where(masked, v, x0)
+    return x0.astype(np.int32), t.astype(np.float32), xt.astype(np.int32)
+
+
+def bench_mdlm(s, repeats, compile_torch, log) -> dict:
+    torch = _torch()
+    from benchmarks.peer_torch import mdlm
+    from didistill.configs import base
+    from didistill.diffusion import masked
+    from didistill.train.optim import apply_gradients, ema_update, make_optimizer
+
+    net, variables = dit_setup(s)
+    optim = dict(learning_rate=3e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+    opt = make_optimizer(base.optimizer(name="adamw", grad_clip_norm=1.0, **optim))
+    schedule = masked.get_schedule("loglinear", 1e-3)
+    decay = 0.9999
+    x0, t, xt = text_inputs(s)
+
+    def step(state, x0, xt, t):
+        params, opt_state, ema = state
+
+        def loss_fn(p):
+            log_probs = masked.subs_log_probs(net.apply(p, xt, t), xt)
+            per_seq = masked.nelbo_from_log_probs(log_probs, x0, xt, t, schedule)
+            return jnp.mean(per_seq) / x0.shape[1]
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        params, opt_state = apply_gradients(opt, params, opt_state, grads)
+        return (params, opt_state, ema_update(ema, params, decay)), loss
+
+    copy = lambda: jax.tree.map(jnp.copy, variables)  # noqa: E731  (donated: own buffers)
+    state = (copy(), opt.init(variables), copy())
+    args = tuple(jnp.asarray(a) for a in (x0, xt, t))
+    log("  mdlm: compiling our step ...")
+    start = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=0).lower(state, *args).compile()
+    compile_s = time.perf_counter() - start
+    temp = compiled.memory_analysis()
+    holder = {"state": state}
+
+    def ours():
+        holder["state"], loss = compiled(holder["state"], *args)
+        return loss
+
+    log("  mdlm: timing ours ...")
+    j_loss, j_first, j_med, j_mem = time_calls(ours, repeats, jax.block_until_ready)
+    holder.clear()
+    gc.collect()
+    tx0, txt = torch.from_numpy(x0.astype(np.int64)), torch.from_numpy(xt.astype(np.int64))
+    tt = torch.from_numpy(t)
+    rows = {}
+    for mode in ("eager", "compile") if compile_torch else ("eager",):
+        model = mdlm.from_flax(variables, s["dit_heads"])
+        ref = mdlm.TeacherStep(model, **optim, clip=1.0, ema_decay=decay,
+                               compile_net=mode == "compile")  # fmt: skip
+        log(f"  mdlm: timing the reference ({mode}) ...")
+        t_loss, t_first, t_med, t_mem = time_calls(lambda ref=ref: ref(tx0, txt, tt), repeats)
+        rows[mode] = dict(loss=float(t_loss), first=t_first, med=t_med, mem=t_mem)
+        ref = model = None
+        gc.collect()
+    eager = rows["eager"]
+    settings = (
+        f"DiT (MDLM layout) {s['dit_depth']} x {s['dit_width']}, {s['dit_heads']} heads, vocab "
+        f"{s['vocab']}+[MASK], length {s['length']}, batch {s['text_batch']}; AdamW 3e-4, clip "
+        "1, EMA; dropout 0; float32"
+    )
+    row = dict(
+        name="mdlm teacher step",
+        settings=settings,
+        ours_steps_per_s=1 / j_med,
+        ref_steps_per_s=1 / eager["med"],
+        ratio=eager["med"] / j_med,
+        ours_compile_s=compile_s,
+        ours_first_call_s=j_first,
+        ours_temp_mib=_mib(getattr(temp, "temp_size_in_bytes", 0)) if temp else None,
+        ours_peak_rss_mib=_mib(j_mem),
+        ref_peak_rss_mib=_mib(eager["mem"]),
+        ours_loss=float(j_loss),
+        ref_loss=eager["loss"],
+        loss_abs_diff=abs(float(j_loss) - eager["loss"]),
+    )
+    if "compile" in rows:
+        c = rows["compile"]
+        row.update(
+            ref_compiled_steps_per_s=1 / c["med"],
+            ref_compiled_compile_s=c["first"] - c["med"],
+            ratio_vs_compiled=c["med"] / j_med,
+            ref_compiled_peak_rss_mib=_mib(c["mem"]),
+            ref_compiled_loss_abs_diff=abs(c["loss"] - eager["loss"]),
+        )
+    return row
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def bench_sampling(s, repeats, log) -> list[dict]:
+    torch = _torch()
+    from benchmarks.peer_torch import edm_unet, mdlm
+    from didistill.diffusion import masked
+    from didistill.distill.one_step import few_step
+    from didistill.nets.convert_edm import param_template, unet_from_config
+
+    rows = []
+    cfg = unet_config(s)
+    net, shape = unet_from_config(cfg)
+    params = random_params(param_template(net, shape), seed=0)
+    ref = edm_unet.from_flax(cfg, params)
+    b = s["sample_batch"]
+    rng = np.random.default_rng(2)
+    z = rng.standard_normal((b, *shape), np.float32)
+    y = rng.integers(0, net.label_dim, b)
+    key = jax.random.key(3)
+    tz = torch.from_numpy(np.ascontiguousarray(np.moveaxis(z, -1, 1)))
+    ty = torch.from_numpy(np.eye(net.label_dim, dtype=np.float32)[y])
+
+    def step(p, x, sigma, labels):
+        return net.apply(p, x, sigma, labels)
+
+    for k in (1, 4):
+        sigmas = few_step.step_sigmas(SIGMA_G, k)
+        ours = jax.jit(
+            lambda p, z, y, key, sigmas=sigmas: few_step.sample(step, p, z, sigmas, key, y)
+        )
+        jz, jy = jnp.asarray(z), jnp.asarray(y)
+        start = time.perf_counter()
+        ours = ours.lower(params, jz, jy, key).compile()
+        compile_s = time.perf_counter() - start
+        log(f"  sampling: {k}-step images ...")
+        j_out, _, j_med, j_mem = time_calls(
+            lambda ours=ours, jz=jz, jy=jy: ours(params, jz, jy, key),
+            repeats,
+            jax.block_until_ready,
+        )
+        keys = jax.random.split(key, max(k - 1, 1))
+        noise = [
+            torch.from_numpy(np.moveaxis(np.asarray(jax.random.normal(keys[i], z.shape)), -1, 1))
+            for i in range(k - 1)
+        ]  # few_step.sample's renoising noise, NCHW
+
+        @torch.no_grad()
+        def reference(sigmas=sigmas, noise=noise):
+            x = float(sigmas[0]) * tz
+            for i, sigma in enumerate(sigmas):
+                x0 = ref(x, torch.full((b,), float(sigma)), ty)
+                if i + 1 < len(sigmas):
+                    x = x0 + float(sigmas[i + 1]) * noise[i]
+            return x0
+
+        t_out, _, t_med, t_mem = time_calls(reference, repeats)
+        diff = float(np.max(np.abs(np.moveaxis(t_out.numpy(), 1, -1) - np.asarray(j_out))))
+        rows.append(dict(
+            name=f"{k}-step image student (images/s)",
+            settings=f"the dmd line's DDPM++ ({s['channels']} channels), batch {b}",
+            ours_steps_per_s=b / j_med, ref_steps_per_s=b / t_med, ratio=t_med / j_med,
+            ours_compile_s=compile_s, ours_peak_rss_mib=_mib(j_mem),
+            ref_peak_rss_mib=_mib(t_mem), ours_loss=None, ref_loss=None,
+            loss_abs_diff=None, max_abs_image_diff=diff,
+        ))  # fmt: skip
+    ref = None
+    gc.collect()
+
+    net, variables = dit_setup(s)
+    model = mdlm.from_flax(variables, s["dit_heads"])
+    schedule = masked.get_schedule("loglinear", 1e-3)
+    n, bt, length, v = s["text_steps"], s["text_batch"], s["length"], s["vocab"]
+    x = masked.all_masked(bt, length, v)
+
+    def text_sample(v, key):  # the weights an argument, not constants of the executable
+        return masked.ancestral_sample(lambda xt, t: net.apply(v, xt, t), key, x, schedule, n)
+
+    start = time.perf_counter()
+    ours = jax.jit(text_sample).lower(variables, key).compile()
+    compile_s = time.perf_counter() - start
+    log("  sampling: text ...")
+    (j_tokens, j_nfe), _, j_med, j_mem = time_calls(lambda: ours(variables, key), repeats,
+                                                    jax.block_until_ready)  # fmt: skip
+    mask_probs = np.asarray(schedule.mask_prob(masked.time_grid(n)), np.float64)
+    step_keys = jax.random.split(key, n)
+    shape = (bt, length, v + 1)
+    tx = torch.full((bt, length), v, dtype=torch.int64)
+
+    def same_noise(i):  # our sampler's Gumbel noise of step i (for the token check)
+        return torch.from_numpy(np.asarray(jax.random.gumbel(step_keys[i], shape)))
+
+    def own_noise(i):  # the timed runs draw their own, as MDLM's sampler does
+        return -torch.log(-torch.log(torch.rand(shape).clamp_(1e-20, 1.0)))
+
+    t_tokens, t_nfe = mdlm.sample(model, tx, mask_probs, same_noise)
+    agree = float(np.mean(t_tokens.numpy() == np.asarray(j_tokens)))
+    (_, nfe), _, t_med, t_mem = time_calls(lambda: mdlm.sample(model, tx, mask_probs, own_noise),
+                                           repeats)  # fmt: skip
+    rows.append(dict(
+        name=f"text sampler, {n} steps (tokens/s)",
+        settings=f"the mdlm line's DiT, batch {bt}, length {length}, cached ancestral sampler",
+        ours_steps_per_s=bt * length / j_med, ref_steps_per_s=bt * length / t_med,
+        ratio=t_med / j_med, ours_compile_s=compile_s, ours_peak_rss_mib=_mib(j_mem),
+        ref_peak_rss_mib=_mib(t_mem), ours_loss=None, ref_loss=None, loss_abs_diff=None,
+        ours_nfe=int(j_nfe), ref_nfe=int(t_nfe), token_agreement=agree,
+    ))  # fmt: skip
+    return rows
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _fmt(x, digits=3):
+    if x is None:
+        return "-"
+    if isinstance(x, dict):
+        return ", ".join(f"{k} {_fmt(v)}" for k, v in x.items())
+    if isinstance(x, list):
+        return "[" + ", ".join(_fmt(v) for v in x) + "]"
+    return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
+
+
+def print_report(results: dict) -> None:
+    env = results["environment"]
+    print(
+        f"\njax {env['jax_version']} | torch {env['torch_version']} | {env['device']} | "
+        f"{env['threads']} threads both sides | commit {str(env['commit'])[:10]} | "
+        f"{env['setting']} setting, median of {env['repeats']} | float32"
+    )
+    print("| line | ours /s | reference /s | ratio (ours/ref speed) | ours compile s | "
+          "RSS peak MiB ours / ref | loss ours | loss ref | abs diff |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results["lines"]:
+        print(
+            f"| {r['name']} | {_fmt(r['ours_steps_per_s'])} | {_fmt(r['ref_steps_per_s'])} | "
+            f"{r['ratio']:.2f}x | {r['ours_compile_s']:.1f} | {r['ours_peak_rss_mib']:.0f} / "
+            f"{r['ref_peak_rss_mib']:.0f} | {_fmt(r['ours_loss'])} | {_fmt(r['ref_loss'])} | "
+            f"{_fmt(r['loss_abs_diff'])} |"
+        )
+    for r in results["lines"]:
+        print(f"- {r['name']}: {r['settings']}")
+        extra = {k: v for k, v in r.items() if k not in REPORT_FIELDS}
+        if extra:
+            print("  " + "; ".join(f"{k} {_fmt(v)}" for k, v in extra.items()))
+
+
+def environment(setting: str, repeats: int) -> dict:
+    import subprocess
+
+    import torch
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
+                            text=True).stdout.strip() or None  # fmt: skip
+    return dict(
+        jax_version=jax.__version__, torch_version=torch.__version__,
+        device=f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind})",
+        threads=torch.get_num_threads(), cpu_count=os.cpu_count(), commit=commit,
+        setting=setting, repeats=repeats, load_average=os.getloadavg(),
+        time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), argv=sys.argv[1:],
+    )  # fmt: skip
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="the test setting (seconds)")
+    parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated of {PARTS}")
+    parser.add_argument("--repeats", type=int, default=0, help="timed calls (0: the setting's)")
+    parser.add_argument(
+        "--torch_compile",
+        action="store_true",
+        help="also time the reference under torch.compile (compile time apart)",
+    )
+    parser.add_argument("--json", default="", help="write every figure to this JSON file")
+    for key, value in DEFAULT.items():
+        if key != "repeats":
+            parser.add_argument(f"--{key}", type=int, default=None,
+                                help=f"default {value}, --tiny {TINY[key]}")  # fmt: skip
+    args = parser.parse_args(argv)
+    parts = [p.strip() for p in args.only.split(",") if p.strip()]
+    bad = [p for p in parts if p not in PARTS]
+    if bad or not parts:
+        parser.error(f"--only: {bad or 'nothing'} is not a comma-separated list of {PARTS}")
+    if args.repeats < 0:
+        parser.error(f"--repeats={args.repeats}: must be >= 1 (0 = the setting's default)")
+    settings = dict(TINY if args.tiny else DEFAULT)
+    for key in DEFAULT:
+        value = getattr(args, key, None)
+        if key != "repeats" and value is not None:
+            if value < 1:
+                parser.error(f"--{key}={value}: must be >= 1")
+            settings[key] = value
+    if args.repeats:
+        settings["repeats"] = args.repeats
+    if (
+        settings["dit_width"] % settings["dit_heads"]
+        or (settings["dit_width"] // settings["dit_heads"]) % 2
+    ):
+        parser.error(
+            f"--dit_width={settings['dit_width']} must split into --dit_heads="
+            f"{settings['dit_heads']} heads of even size"
+        )
+    if settings["channels"] % 2 or settings["channels"] < 8:
+        parser.error(f"--channels={settings['channels']}: must be even and >= 8 (GroupNorm)")
+    if settings["resolution"] % 2 ** (settings["levels"] - 1):
+        parser.error(
+            f"--resolution={settings['resolution']}: must be divisible by 2^(levels - 1) = "
+            f"{2 ** (settings['levels'] - 1)}"
+        )
+    return args, parts, settings
+
+
+def main(argv=None) -> dict:
+    args, parts, s = parse_args(argv)
+    _torch()
+    t0 = time.perf_counter()
+    log = lambda msg: print(
+        f"[{time.perf_counter() - t0:6.1f} s] {msg}", file=sys.stderr, flush=True
+    )  # noqa: E731
+    results = {
+        "environment": environment("tiny" if args.tiny else "default", s["repeats"]),
+        "settings": s,
+        "lines": [],
+    }
+    start = time.perf_counter()
+
+    def done(rows):  # each line on stderr as soon as it is measured
+        results["lines"].extend(rows)
+        for row in rows:
+            log("  " + json.dumps(row, default=float))
+
+    if "dmd" in parts:
+        log("dmd step ...")
+        done([bench_dmd(s, s["repeats"], args.torch_compile, log)])
+    if "mdlm" in parts:
+        log("mdlm step ...")
+        done([bench_mdlm(s, s["repeats"], args.torch_compile, log)])
+    if "sampling" in parts:
+        log("sampling ...")
+        done(bench_sampling(s, s["repeats"], log))
+    results["total_s"] = time.perf_counter() - start
+    print_report(results)
+    print(f"\ntotal {results['total_s']:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2, default=float)
+    return results
+
+
+if __name__ == "__main__":
+    main()
