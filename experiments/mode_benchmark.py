@@ -49,8 +49,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # `experiments` is a folder of the repository, not a package
 
 from didistill import assets  # noqa: E402
-from experiments import common  # noqa: E402
-from experiments import fid_table  # noqa: E402
+from experiments import common, fid_table  # noqa: E402
 
 METHODS = ("dmd2", "forward_kl", "jensen_shannon", "uni_instruct", "sid")
 DEFAULT_METHODS = ("dmd2", "forward_kl", "jensen_shannon")
@@ -281,9 +280,12 @@ def main(argv=None) -> dict:
     teacher_hist = np.asarray(teacher["histogram"])
     teacher["tv_teacher"], teacher["rare_recall"] = 0.0, 1.0
     grids[TEACHER] = samples[:10]
-    data_row = model_metrics(data_labels, real_features, data_hist, rare, real_features, teacher_hist)
+    data_row = model_metrics(
+        data_labels, real_features, data_hist, rare, real_features, teacher_hist
+    )
     rows = [summarize(DATA, 0, [data_row]), summarize(TEACHER, args.teacher_nfe, [teacher])]
-    print(f"teacher sampled, TV to data {teacher['tv_data']:.3f} ({time.perf_counter() - start:.0f} s)")
+    elapsed = time.perf_counter() - start
+    print(f"teacher sampled, TV to data {teacher['tv_data']:.3f} ({elapsed:.0f} s)", flush=True)
 
     runs: dict[str, list[dict]] = {}
     for method in methods:

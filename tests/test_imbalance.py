@@ -53,7 +53,9 @@ def test_config_option_on_the_digits(tmp_path):
     counts = np.bincount(data["label"], minlength=10)
     np.testing.assert_array_equal(counts, [149, 102, 70, 48, 33, 22, 15, 11, 7, 5])
     assert data["image"].shape == (462, 8, 8, 1)
-    full = images.load_arrays(ml_collections.ConfigDict(dict(name="digits", data_dir=str(tmp_path))))
+    full = images.load_arrays(
+        ml_collections.ConfigDict(dict(name="digits", data_dir=str(tmp_path)))
+    )
     assert len(full["label"]) == 1500  # imbalance 0 (absent) keeps the split whole
     data_cfg.imbalance_seed = 1
     other = images.load_arrays(data_cfg)

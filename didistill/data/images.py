@@ -317,7 +317,8 @@ def load_arrays(data_cfg, split: str = "train", max_in_memory: int = 100_000):
     from didistill.data import imbalance
 
     rows = imbalance.subsample_rows(
-        arrays["label"], imbalance.geometric_frequencies(source.num_classes, ratio),
+        arrays["label"],
+        imbalance.geometric_frequencies(source.num_classes, ratio),
         seed=int(get("imbalance_seed", 0)),
     )
     return {k: v[rows] for k, v in arrays.items()}

@@ -25,7 +25,9 @@ def histogram(labels, num_classes: int) -> np.ndarray:
     if labels.ndim != 1 or labels.size == 0:
         raise ValueError(f"labels must be a non-empty [N] array, got shape {labels.shape}")
     if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}"
+        )
     return np.bincount(labels, minlength=num_classes) / labels.size
 
 
