@@ -233,6 +233,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--ema_rampup", type=float, default=0.05, help="SiD's EMA ramp-up")
     parser.add_argument("--classifier", default=assets.path("digits/classifier_teacher.msgpack"))
     parser.add_argument("--data_dir", default="data/tfds", help="tfds data_dir of the digits")
+    parser.add_argument("--train_only", action="store_true", help="train the runs, no table")
     parser.add_argument("--tiny_teacher", action="store_true", help="tests: a tiny teacher")
     common.add_cache_flag(parser)
     args = parser.parse_args(argv)
@@ -266,6 +267,13 @@ def main(argv=None) -> dict:
     common.train_run(tconfig, teacher_dir)
     args.teacher = os.path.join(teacher_dir, "teacher.msgpack")
     print(f"teacher ready ({time.perf_counter() - start:.0f} s)", flush=True)
+    if args.train_only:  # e.g. one process per method; a later run without it makes the table
+        for method in methods:
+            for seed in range(args.seeds):
+                workdir = os.path.join(args.workdir, method, f"seed{seed}")
+                common.train_run(student_config(method, seed, args), workdir)
+                print(f"{method} seed {seed} trained ({time.perf_counter() - start:.0f} s)")
+        return {}
 
     data = load_arrays(tconfig.data)
     data_labels, real_features = ch.classify(classify_fn, data["image"])
