@@ -264,7 +264,12 @@ def main(argv=None) -> dict:
     # the teacher, trained (or reused) in <workdir>/teacher
     tconfig = teacher_config(args)
     teacher_dir = os.path.join(args.workdir, "teacher")
-    common.train_run(tconfig, teacher_dir)
+    if os.path.isfile(os.path.join(teacher_dir, "eval.json")):  # finished: no lock needed,
+        from didistill.train import workdir as workdir_lib  # so processes can share it
+
+        workdir_lib.check_fingerprint(tconfig, teacher_dir, write=False)
+    else:
+        common.train_run(tconfig, teacher_dir)
     args.teacher = os.path.join(teacher_dir, "teacher.msgpack")
     print(f"teacher ready ({time.perf_counter() - start:.0f} s)", flush=True)
     if args.train_only:  # e.g. one process per method; a later run without it makes the table
