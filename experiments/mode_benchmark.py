@@ -219,7 +219,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="1 seed, 100 steps, 500 samples")
     parser.add_argument("--seeds", type=int, default=None, help="training seeds (3; quick 1)")
     parser.add_argument("--steps", type=int, default=None, help="generator steps (500; quick 100)")
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"among {METHODS}, or none")
+    parser.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS), help=f"among {METHODS}, or none"
+    )
     parser.add_argument("--imbalance", type=float, default=30.0, help="max/min class frequency")
     parser.add_argument("--teacher_steps", type=int, default=1000, help="teacher training steps")
     parser.add_argument("--teacher_nfe", type=int, default=35, help="teacher Heun NFE")
@@ -330,9 +332,14 @@ def main(argv=None) -> dict:
     header = (
         f"Imbalanced digits (max/min {args.imbalance:g}, {len(data['label'])} "
         f"training images); unconditional teacher, {args.teacher_steps} steps, Heun "
-        f"{args.teacher_nfe} NFE, {args.teacher_samples} samples; students {args.steps} "
-        f"generator steps, {args.num_samples} samples, mean ± std over {args.seeds} seed(s); "
-        f"{wall:.0f} s on {jax.devices()[0].device_kind}."
+        f"{args.teacher_nfe} NFE, {args.teacher_samples} samples; "
+        + (
+            f"students {args.steps} generator steps, {args.num_samples} samples, mean ± std "
+            f"over {args.seeds} seed(s); "
+            if methods
+            else "no students (--methods=none); "
+        )
+        + f"{wall:.0f} s on {jax.devices()[0].device_kind}."
     )
     report = markdown(rows, header, rare)
     settings = {k: v for k, v in vars(args).items() if k not in ("eval_every", "curve_samples")}
