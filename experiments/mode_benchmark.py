@@ -16,7 +16,9 @@ ramp-up 0.05), on the same imbalanced data (the discriminator's real images), in
 `<workdir>/<method>/seed<k>`. Every run is an ordinary engine run: a rerun reuses finished
 runs and resumes interrupted ones; the teacher's samples are cached in the workdir.
 
-Metrics, for the data, the teacher (Heun, `--teacher_nfe`) and each student; samples are
+Metrics, for the data, the teacher (Heun, `--teacher_nfe`), the initial generator (the
+teacher's denoiser applied once at each student's sigma_g, where the students start) and each
+student; samples are
 classified by the shipped digits classifier (`assets/digits/classifier_teacher.msgpack`,
 argmax of its logits; its penultimate layer is the feature space):
 - the class histogram of the samples (`didistill/eval/class_histogram.py`);
@@ -118,6 +120,21 @@ def teacher_samples(teacher_file: str, num: int, nfe: int, workdir: str) -> np.n
     samples = np.concatenate([np.asarray(sample(z[s : s + 500])) for s in range(0, num, 500)])
     np.save(path, samples)
     return samples
+
+
+def initial_samples(teacher_file: str, num: int, sigmas) -> dict[float, np.ndarray]:
+    """{sigma_g: [num, H, W, C]}: the teacher's denoiser applied once at each sigma_g to
+    sigma_g z (seed 0's evaluation key), which is where the students start."""
+    import jax
+    import jax.numpy as jnp
+
+    from didistill.distill.one_step.images import load_teacher_unet
+    from didistill.train.loop import run_keys
+
+    net, variables, shape = load_teacher_unet(teacher_file)
+    one_step = jax.jit(lambda z, s: net.apply(variables, s * z, jnp.full(len(z), s), None))
+    z = jax.random.normal(run_keys(0)[2], (num, *shape))
+    return {s: np.asarray(one_step(z, s)) for s in sigmas}
 
 
 def model_metrics(labels, features, data_hist, rare, real_features, teacher_hist=None) -> dict:
@@ -301,6 +318,12 @@ def main(argv=None) -> dict:
         data_labels, real_features, data_hist, rare, real_features, teacher_hist
     )
     rows = [summarize(DATA, 0, [data_row]), summarize(TEACHER, args.teacher_nfe, [teacher])]
+    sigmas = sorted({float(student_config(m, 0, args).generator.sigma) for m in methods} or {80.0})
+    for sigma, x in initial_samples(args.teacher, args.num_samples, sigmas).items():
+        labels, feats = ch.classify(classify_fn, x)
+        initial = model_metrics(labels, feats, data_hist, rare, real_features, teacher_hist)
+        rows.append(summarize(fid_table.initial_row(sigma), 1, [initial]))
+        grids[rows[-1]["name"]] = x[:10]
     elapsed = time.perf_counter() - start
     print(f"teacher sampled, TV to data {teacher['tv_data']:.3f} ({elapsed:.0f} s)", flush=True)
 

@@ -44,7 +44,12 @@ def benchmark(tmp_path_factory):
 def test_rows_metrics_and_files(benchmark):
     workdir, results = benchmark
     names = [row["name"] for row in results["table"]]
-    assert names == ["data (imbalanced train split)", "teacher", "DMD2 (reverse KL)"]
+    assert names == [
+        "data (imbalanced train split)",
+        "teacher",
+        "initial generator (NFE 1, sigma_g 80)",
+        "DMD2 (reverse KL)",
+    ]
     assert results["settings"]["rare_classes"] == [9, 8, 7]
     true = results["settings"]["true_histogram"]
     assert true[0] == pytest.approx(149 / 462) and true[9] == pytest.approx(5 / 462)
@@ -52,7 +57,7 @@ def test_rows_metrics_and_files(benchmark):
         assert sum(row["histogram"]) == pytest.approx(1.0)
         assert 0.0 <= row["tv_data"] <= 1.0
         assert 0.0 <= row["precision"] <= 1.0 and 0.0 <= row["recall"] <= 1.0
-    data, teacher, student = results["table"]
+    data, teacher, _, student = results["table"]
     assert data["precision"] == 1.0 and data["recall"] == 1.0 and data["tv_data"] == 0.0
     assert teacher["tv_teacher"] == 0.0 and teacher["rare_recall"] == 1.0
     assert 0.0 <= student["tv_teacher"] <= 1.0
