@@ -25,7 +25,7 @@ def get_config(arg=None):
     config = base.get_config()
     config.method = METHOD
     config.data = ml_collections.ConfigDict(
-        dict(name="digits", data_dir="data/tfds", resolution=None)
+        dict(name="digits", data_dir="data/tfds", resolution=None, imbalance=0.0, imbalance_seed=0)
     )
     config.net = ml_collections.ConfigDict(
         dict(

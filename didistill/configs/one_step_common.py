@@ -116,7 +116,14 @@ def image_distill_config(method, divergence, flags):
     config = base.get_config()
     config.method = method
     config.data = ml_collections.ConfigDict(
-        dict(kind="images", name="digits", data_dir="data/tfds", resolution=None)
+        dict(
+            kind="images",
+            name="digits",
+            data_dir="data/tfds",
+            resolution=None,
+            imbalance=0.0,  # > 1: geometric class frequencies, max/min ratio (data/imbalance.py)
+            imbalance_seed=0,
+        )
     )
     config.teacher = ml_collections.ConfigDict(
         dict(checkpoint=assets.path("digits/teacher.msgpack"), score="network")
