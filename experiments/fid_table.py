@@ -354,7 +354,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, default=1, help="training seeds per student")
     parser.add_argument("--steps", type=int, default=None, help="generator steps (500; quick 100)")
     parser.add_argument("--methods", default=None, help=f"comma-separated among {METHODS}")
-    parser.add_argument("--teacher_nfe", default=None, help="Heun NFEs (35,17,13,11,9,5; quick 35,9)")
+    parser.add_argument(
+        "--teacher_nfe", default=None, help="Heun NFEs (35,17,13,11,9,5; quick 35,9)"
+    )
     parser.add_argument("--num_samples", type=int, default=None, help="samples per model")
     parser.add_argument("--batch_size", type=int, default=64, help="generator batch (CPU-sized)")
     parser.add_argument("--critic_steps", type=int, default=2, help="critic updates per step")
@@ -366,6 +368,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--curve_samples", type=int, default=1000, help="samples per curve FID")
     parser.add_argument("--teacher", default=assets.path("digits/teacher.msgpack"))
     parser.add_argument("--data_dir", default="data/tfds", help="tfds data_dir of the digits")
+    parser.add_argument(
+        "--finished_only",
+        action="store_true",
+        help="train nothing: the table of the runs already finished in --workdir",
+    )
     common.add_cache_flag(parser)
     args = parser.parse_args(argv)
     for name in ("seeds", "steps", "num_samples", "batch_size", "critic_steps", "curve_samples"):
@@ -398,10 +405,15 @@ def main(argv=None) -> dict:
         for seed in range(args.seeds):
             config = student_config(method, seed, steps, args)
             workdir = os.path.join(args.workdir, method, f"seed{seed}")
+            if args.finished_only and not os.path.isfile(os.path.join(workdir, "eval.json")):
+                continue
             results, samples = run_student(config, workdir)
             runs[method].append(results)
-            if seed == 0:
+            if len(runs[method]) == 1:
                 grids[LABELS[method]] = samples[:GRID_COLUMNS]
+        if not runs[method]:
+            del runs[method]
+            continue
             print(
                 f"{method:>28s} seed {seed}: FID {results['student/feature_fid']:.2f} "
                 f"({time.perf_counter() - start:.0f} s)",
@@ -427,8 +439,9 @@ def main(argv=None) -> dict:
                 rows[-1][name] = float(np.mean(values))
     header = (
         f"Digits FID (classifier features, {args.num_samples} samples vs the 297 test images); "
-        f"students: {steps} generator steps from the teacher, mean ± std over {args.seeds} "
-        f"seed(s); {time.perf_counter() - start:.0f} s on {jax.devices()[0].device_kind}."
+        f"students: {steps} generator steps from the teacher, mean ± std over the seeds "
+        f"column (of {args.seeds} asked); {time.perf_counter() - start:.0f} s on "
+        f"{jax.devices()[0].device_kind}."
     )
     report = markdown(rows, header)
     teacher_fid = {row["nfe"]: row["fid"] for row in rows if row["name"].startswith("teacher")}
@@ -438,8 +451,7 @@ def main(argv=None) -> dict:
     os.makedirs(args.workdir, exist_ok=True)
     with open(os.path.join(args.workdir, "results.md"), "w") as f:
         f.write(report)
-    settings = {"steps": steps, "seeds": args.seeds, "methods": methods, "teacher_nfe": nfes}
-    settings.update(teacher=args.teacher, num_samples=args.num_samples)
+    settings = {**vars(args), "steps": steps, "methods": list(runs), "teacher_nfe": nfes}
     with open(os.path.join(args.workdir, "results.json"), "w") as f:
         json.dump({"settings": settings, "table": rows, "cost": cost, "runs": runs}, f, indent=2)
     save_grid(grids, os.path.join(args.workdir, "samples.png"))
