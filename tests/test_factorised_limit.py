@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import os
 
 import numpy as np
 import pytest
@@ -136,3 +137,16 @@ def test_point_mass_samplers_by_brute_force():
         assert value == pytest.approx(nll[entropies >= floor - 1e-9].min())
         assert text_eval.unigram_entropies(x[None])[0] >= floor - 1e-9
     assert fl.best_point_mass(MARKOV, 6, floors.max() + 1e-3) == (None, math.inf)
+
+
+def test_ppl_table_draws_the_limit_row(tmp_path):
+    from experiments import ppl_table
+
+    meta = {"data": {"language": "markov_tiny", "length": 32}}
+    row = ppl_table.limit_row(meta, (8, 16), num_samples=256)
+    assert row["name"] == ppl_table.LIMIT_ROW and sorted(row["cells"]) == [8, 16]
+    assert row["cells"][8]["gen_ppl"] > row["cells"][16]["gen_ppl"] > 1.8
+    assert ppl_table.limit_row({"data": {"language": "markov_small", "length": 8}}, (8,), 8) is None
+    path = ppl_table.plot([row], 1.815, str(tmp_path / "p.png"))
+    assert os.path.getsize(path) > 0
+    assert ppl_table.LIMIT_ROW in ppl_table.markdown([row], (8, 16), "header")
