@@ -35,6 +35,10 @@ One engine step (one jitted function):
    = 0.01), and the entropy bonus averaged over the steps (its `(entropy_step1 +
    entropy_step2) / 2`).
 
+Gradient accumulation (`train.grad_accum_steps` = k): every critic update and the student
+update run k micro-batches of B / k rows and apply their mean gradient once
+(`train/accumulate.py`; B / k a multiple of `group_size`).
+
 Optimisers: `schedule='warmup_linear_decay'` (the default of `configs/synthetic_didi.py`) is the
 reference's `_get_lr`, applied to both optimisers (`train.optim.warmup_linear_decay`), T =
 train.num_steps.

@@ -105,7 +105,9 @@ departs from the library's convention that teacher params stay out of the train 
 every round. `train.num_steps` beyond rounds * steps_per_round continues the last round.
 
 Teacher loading, the schedule, the cached sampler and the evaluation prelude are the
-text-student scaffold (`student`).
+text-student scaffold (`student`). Gradient accumulation (`train.grad_accum_steps` = k): k
+micro-batches of B / k rows, each weighted by its number of loss positions, so the loss and
+gradient are the whole batch's ratio (`train/accumulate.py`).
 
 Departures from the reference: the teacher's two steps are t -> m -> s (the reference's
 start times are t_1 and t_2 above); no analytic sampler, no float64 loss, no MAUVE.
