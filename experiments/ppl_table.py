@@ -28,8 +28,8 @@ Every student run is an ordinary engine run in `<workdir>/<name>` (reused when f
 The teacher: `--teacher`, else the shipped `assets/text/markov_tiny_teacher.msgpack`, else one
 trained here by `configs/synthetic_mdlm.py:markov_tiny,cpu` (the shipped asset's command).
 Writes `<workdir>/results.md`, `results.json` and `ppl_vs_steps.png`. The default took 26
-minutes on 2 CPU cores shared with three other jobs (16c5d67; docs/results/ppl_table.json); `--quick` (steps 8 and 32, 60 DiDi
-steps, one divergence) takes a few minutes.
+minutes on 2 CPU cores shared with three other jobs (16c5d67; docs/results/ppl_table.json);
+`--quick` (steps 8 and 32, 60 DiDi steps, one divergence) takes a few minutes.
 """
 
 from __future__ import annotations
