@@ -16,14 +16,20 @@ sampler has low perplexity and low entropy). Rows:
 - 'DiDi-Instruct', 'DiDi-Instruct + guided sampler' (`config.eval.guided`): one run of
   `configs/synthetic_didi.py` from the teacher;
 - 'step halving (<divergence>)': one run of `configs/synthetic_sdtt.py` per divergence
-  (rounds 64 -> 32 -> 16 -> 8 steps).
+  (rounds 64 -> 32 -> 16 -> 8 steps);
+- 'factorised limit (exact marginals)': the sampler that draws each step's tokens
+  independently from the source's exact conditional marginals given the revealed tokens, on
+  MDLM's reveal law (`eval/factorised_limit.py`, Monte Carlo, `--limit_samples`): the
+  factorised k-step sampler closest to the source in KL(p || q), what a perfect teacher
+  reaches at k steps. A student below it has paid in diversity (see that module). Drawn
+  dotted in the figure; order-1 Markov and HMM languages only.
 Every student run is an ordinary engine run in `<workdir>/<name>` (reused when finished).
 
 The teacher: `--teacher`, else the shipped `assets/text/markov_tiny_teacher.msgpack`, else one
 trained here by `configs/synthetic_mdlm.py:markov_tiny,cpu` (the shipped asset's command).
-Writes `<workdir>/results.md`, `results.json` and `ppl_vs_steps.png`. The default took 16.5
-minutes on 2 CPU cores shared with another experiment; `--quick` (steps 8 and 32, 60 DiDi
-steps, one divergence) takes a few minutes.
+Writes `<workdir>/results.md`, `results.json` and `ppl_vs_steps.png`. The default took 26
+minutes on 2 CPU cores shared with three other jobs (16c5d67; docs/results/ppl_table.json);
+`--quick` (steps 8 and 32, 60 DiDi steps, one divergence) takes a few minutes.
 """
 
 from __future__ import annotations
@@ -127,6 +133,26 @@ def teacher_samples_report(teacher: str, num_steps: int, num_samples: int = 512,
     return text_eval.sample_report(tokens, text_eval.exact_judge(lang), nfe, lang)
 
 
+def limit_row(meta: dict, steps, num_samples: int) -> dict | None:
+    """The 'factorised limit (exact marginals)' row at every step count (None when the
+    teacher's language is not order-1 Markov or HMM)."""
+    from didistill.data import text
+    from didistill.eval import factorised_limit
+
+    lang, length = text.get_language(meta["data"]["language"]), int(meta["data"]["length"])
+    try:
+        factorised_limit.chain_of(lang)
+    except ValueError:
+        return None
+    cells = {
+        n: factorised_limit.limit_report(lang, length, n, num_samples=num_samples) for n in steps
+    }
+    return {"name": LIMIT_ROW, "cells": cells}
+
+
+LIMIT_ROW = "factorised limit (exact marginals)"
+
+
 def rows_of(name: str, prefix: str, results: dict, steps) -> dict:
     """{'name', 'cells': {steps: {'gen_ppl', 'entropy', 'nfe', 'invalid_rate'}}} of one eval."""
     cells = {}
@@ -168,8 +194,10 @@ def plot(rows: list[dict], source_ppl: float, path: str) -> str:
         steps = sorted(row["cells"])
         if not steps:
             continue
+        style = dict(color="0.4", ls=":", marker="x") if row["name"] == LIMIT_ROW else {}
         for ax, metric in zip(axes, ("gen_ppl", "entropy"), strict=True):
-            ax.plot(steps, [row["cells"][n][metric] for n in steps], "o-", label=row["name"])
+            values = [row["cells"][n][metric] for n in steps]
+            ax.plot(steps, values, **({"marker": "o", "ls": "-"} | style), label=row["name"])
     axes[0].axhline(source_ppl, color="k", ls="--", lw=1, label="source (exact)")
     for ax, label in zip(
         axes, ("generative perplexity (exact judge)", "unigram entropy"), strict=True
@@ -193,9 +221,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--didi_steps", type=int, default=None, help="DiDi-Instruct steps")
     parser.add_argument("--sdtt_round", type=int, default=None, help="step-halving steps/round")
     parser.add_argument("--sdtt_divergences", default=None, help="comma-separated divergences")
+    parser.add_argument(
+        "--limit_samples", type=int, default=8192, help="Monte Carlo samples of the limit row"
+    )
     common.add_cache_flag(parser)
     args = parser.parse_args(argv)
-    for name in ("teacher_long", "didi_steps", "sdtt_round"):
+    for name in ("teacher_long", "didi_steps", "sdtt_round", "limit_samples"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name}={value}: must be >= 1")
@@ -239,6 +270,10 @@ def main(argv=None) -> dict:
         rows.append(rows_of(f"step halving ({divergence})", "student", results, steps))
         print(f"step halving {divergence} done ({time.perf_counter() - start:.0f} s)", flush=True)
 
+    limit = limit_row(meta, all_steps, args.limit_samples)
+    if limit is not None:
+        rows.append(limit)
+        runs["factorised_limit"] = limit["cells"]
     columns = all_steps
     header = (
         f"{meta['data']['language']}, length {meta['data']['length']}: generative perplexity "

@@ -43,7 +43,7 @@ def text_data(language: str, length: int = 64) -> ml_collections.ConfigDict:
     `data_streams`, docs/text_scale.md)."""
     return ml_collections.ConfigDict(
         dict(
-            kind="synthetic",  # 'synthetic' | 'tfds'
+            kind="synthetic",  # 'synthetic' | 'tfds' | 'tokens' (pre-tokenised shards)
             language=language,
             length=length,
             # real text only (kind='tfds'); see configs/owt_mdlm.py
@@ -55,6 +55,9 @@ def text_data(language: str, length: int = 64) -> ml_collections.ConfigDict:
             tokenizer="bytes",
             tokenizer_dir="",
             framing="none",  # 'mdlm': BOS + L - 2 tokens + EOS per row (MDLM wrap)
+            # kind='tokens': folders written by `python -m didistill.data.token_shards`
+            tokens_dir="",
+            heldout_tokens_dir="",
         )
     )
 

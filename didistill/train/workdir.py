@@ -120,6 +120,8 @@ def _differences(old: dict, new: dict) -> list[str]:
     out = []
     for key in sorted(set(old["config"]) | set(new["config"])):
         a, b = old["config"].get(key, "<absent>"), new["config"].get(key, "<absent>")
+        if key not in old["config"] and b == "":
+            continue  # a key added to the library since that run, at its empty default
         if a != b:
             out.append(f"{key} was {_short(a)}, now {_short(b)}")
     for key in sorted(set(old.get("files", {})) & set(new["files"])):

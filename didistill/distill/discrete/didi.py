@@ -35,6 +35,10 @@ One engine step (one jitted function):
    = 0.01), and the entropy bonus averaged over the steps (its `(entropy_step1 +
    entropy_step2) / 2`).
 
+Gradient accumulation (`train.grad_accum_steps` = k): every critic update and the student
+update run k micro-batches of B / k rows and apply their mean gradient once
+(`train/accumulate.py`; B / k a multiple of `group_size`).
+
 Optimisers: `schedule='warmup_linear_decay'` (the default of `configs/synthetic_didi.py`) is the
 reference's `_get_lr`, applied to both optimisers (`train.optim.warmup_linear_decay`), T =
 train.num_steps.
@@ -70,6 +74,7 @@ from didistill.diffusion import masked
 from didistill.distill.discrete import didi_losses as losses
 from didistill.distill.discrete import guided_sampling, student
 from didistill.eval import text as text_eval
+from didistill.train import accumulate
 from didistill.train.method import Method
 from didistill.train.optim import apply_gradients, ema_update, make_optimizer
 
@@ -182,6 +187,7 @@ class DiDiInstruct:
         self.opt_d = make_optimizer(config.optim_discriminator, total_steps=steps)
         self.teacher_fn = self.scaffold.logits_fn(self.scaffold.teacher_params)
         self.batch_size = config.train.batch_size
+        self.accum = accumulate.check(config, self.d.group_size, "distill.group_size")
         self._guided = {}  # num_steps -> jitted guided sampler
 
     def token_logits(self, disc, z, t, stats=None, *, stop_frozen: bool = True, update=False):
@@ -250,37 +256,56 @@ class DiDiInstruct:
         if self.d.real == "data":
             return data_tokens
         scaffold = self.scaffold
-        x_init = masked.all_masked(self.batch_size, scaffold.length, scaffold.mask_id)
+        x_init = masked.all_masked(data_tokens.shape[0], scaffold.length, scaffold.mask_id)
         tokens, _ = masked.ancestral_sample(
             self.teacher_fn, key, x_init, scaffold.schedule, self.d.teacher_sample_steps,
             cache=scaffold.cache,
         )  # fmt: skip
         return tokens
 
-    def critic_update(self, state, data_tokens, key):
-        """One discriminator step: BCE of real (teacher or data) vs student samples, both
-        forward-corrupted, on masked positions."""
+    def critic_loss_and_grad(self, state, stats, data_tokens, key):
+        """((BCE loss, new spectral-norm stats), gradient) of one discriminator batch: real
+        (teacher or data) vs student samples, both forward-corrupted, on masked positions; as
+        many rows as data_tokens [n, L]."""
         schedule, mask_id = self.scaffold.schedule, self.scaffold.mask_id
+        n = data_tokens.shape[0]
         k_real, k_fake, k_tau, k_t, k_mr, k_mf = jax.random.split(key, 6)
         real = self.real_samples(k_real, data_tokens)
-        tau = self.sample_tau(k_tau, self.batch_size)
+        tau = self.sample_tau(k_tau, n)
         fake, _, _ = self.trajectory(state.student, k_fake, tau)
         t = self.corrupt_times(k_t, tau)
         t_real = self.corrupt_times(jax.random.fold_in(k_t, 1), tau)
-        z_real = masked.forward_mask(k_mr, real, t_real, schedule, mask_id)  # [B, L]
+        z_real = masked.forward_mask(k_mr, real, t_real, schedule, mask_id)  # [n, L]
         z_fake = masked.forward_mask(k_mf, fake, t, schedule, mask_id)
 
         def loss_fn(disc):
-            stats = state.discriminator_stats
-            real_logits, stats = self.token_logits(disc, z_real, t_real, stats, update=True)
-            fake_logits, stats = self.token_logits(disc, z_fake, t, stats, update=True)
+            real_logits, new = self.token_logits(disc, z_real, t_real, stats, update=True)
+            fake_logits, new = self.token_logits(disc, z_fake, t, new, update=True)
             loss = losses.discriminator_loss(
                 real_logits, fake_logits, z_real == mask_id, z_fake == mask_id,
                 self.d.label_smoothing,
             )  # fmt: skip
-            return loss, stats
+            return loss, new
 
-        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.discriminator)
+        return jax.value_and_grad(loss_fn, has_aux=True)(state.discriminator)
+
+    def critic_update(self, state, data_tokens, key):
+        """One discriminator step on data_tokens [B, L]; with `train.grad_accum_steps` = k > 1
+        the mean gradient of k micro-batches of B / k rows (keys fold_in(key, j); the
+        spectral-norm vectors carried from one micro-batch to the next), one update."""
+        stats = state.discriminator_stats
+        if self.accum == 1:
+            (loss, stats), grads = self.critic_loss_and_grad(state, stats, data_tokens, key)
+        else:
+
+            def micro(stats, j, tokens):
+                (loss, stats), grads = self.critic_loss_and_grad(
+                    state, stats, tokens, jax.random.fold_in(key, j)
+                )
+                return stats, ((loss, grads), 1.0)
+
+            micro_tokens = accumulate.split(data_tokens, self.accum)
+            stats, (loss, grads) = accumulate.weighted_mean(micro, stats, self.accum, micro_tokens)
         disc, disc_opt = apply_gradients(
             self.opt_d, state.discriminator, state.discriminator_opt, grads
         )
@@ -316,10 +341,12 @@ class DiDiInstruct:
                 ent = ent + losses.entropy(logits, z_step == mask_id) / len(steps)
         return kl, ent
 
-    def student_objective(self, params, state, key):
+    def student_objective(self, params, state, key, n: int | None = None):
+        """(loss, metrics) of the student update on n (default train.batch_size) fresh
+        trajectories."""
         d, schedule, mask_id = self.d, self.scaffold.schedule, self.scaffold.mask_id
         k_tau, k_traj, k_t, k_mask = jax.random.split(key, 4)
-        tau = self.sample_tau(k_tau, self.batch_size)
+        tau = self.sample_tau(k_tau, n or self.batch_size)
         x, log_q, steps = self.trajectory(params, k_traj, tau)
         t = self.corrupt_times(k_t, tau)
         z = masked.forward_mask(k_mask, x, t, schedule, mask_id)
@@ -343,6 +370,25 @@ class DiDiInstruct:
         }  # fmt: skip
         return total, aux
 
+    def student_gradients(self, state, key):
+        """((loss, metrics), gradient) of the student update; with `train.grad_accum_steps` =
+        k > 1 the mean over k micro-batches of B / k trajectories (keys fold_in(key, j), whole
+        reward groups in each): the policy-gradient term is a mean over trajectories, so this
+        is the gradient of the B trajectories together; the KL and entropy terms, means over
+        each micro-batch's masked positions, are averaged over the micro-batches."""
+        grad_fn = jax.value_and_grad(self.student_objective, has_aux=True)
+        if self.accum == 1:
+            return grad_fn(state.student, state, key)
+        micro_rows = self.batch_size // self.accum
+
+        def micro(carry, j, _):
+            return carry, (
+                grad_fn(state.student, state, jax.random.fold_in(key, j), micro_rows),
+                1.0,
+            )
+
+        return accumulate.weighted_mean(micro, (), self.accum)[1]
+
     def step(self, state, batch, key, step_index):
         del step_index
         d = self.d
@@ -354,9 +400,7 @@ class DiDiInstruct:
             state, critic_metrics = jax.lax.scan(
                 lambda s, inputs: self.critic_update(s, *inputs), state, (data, keys)
             )
-        (loss, aux), grads = jax.value_and_grad(self.student_objective, has_aux=True)(
-            state.student, state, k_student
-        )
+        (loss, aux), grads = self.student_gradients(state, k_student)
         student_params, student_opt = apply_gradients(
             self.opt_s, state.student, state.student_opt, grads
         )

@@ -105,7 +105,9 @@ departs from the library's convention that teacher params stay out of the train 
 every round. `train.num_steps` beyond rounds * steps_per_round continues the last round.
 
 Teacher loading, the schedule, the cached sampler and the evaluation prelude are the
-text-student scaffold (`student`).
+text-student scaffold (`student`). Gradient accumulation (`train.grad_accum_steps` = k): k
+micro-batches of B / k rows, each weighted by its number of loss positions, so the loss and
+gradient are the whole batch's ratio (`train/accumulate.py`).
 
 Departures from the reference: the teacher's two steps are t -> m -> s (the reference's
 start times are t_1 and t_2 above); no analytic sampler, no float64 loss, no MAUVE.
@@ -126,6 +128,7 @@ from didistill.diffusion import masked
 from didistill.distill.discrete import student
 from didistill.distill.teachers.mdlm import logits_fn_of
 from didistill.divergences.categorical import categorical_from_log_probs, categorical_names
+from didistill.train import accumulate
 from didistill.train.method import Method
 from didistill.train.optim import apply_gradients, ema_update, make_optimizer
 
@@ -292,6 +295,7 @@ def make_method(config) -> Method:
     d, net = config.distill, scaffold.net
     optimizer = make_optimizer(config.optim_student)
     loss_fn = make_loss(d, scaffold.schedule, scaffold.mask_id)
+    accum = accumulate.check(config)
 
     def init(key):
         del key  # the student starts as the teacher
@@ -320,10 +324,20 @@ def make_method(config) -> Method:
         state = next_round(state, round_index.astype(jnp.int32))
         teacher_fn = logits_fn_of(net, state.teacher)
 
-        def objective(params):
-            return loss_fn(logits_fn_of(net, params), teacher_fn, key, batch["tokens"], state.round)
+        def objective(params, tokens, key):
+            return loss_fn(logits_fn_of(net, params), teacher_fn, key, tokens, state.round)
 
-        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.student)
+        grad_fn = jax.value_and_grad(objective, has_aux=True)
+        if accum == 1:
+            (loss, aux), grads = grad_fn(state.student, batch["tokens"], key)
+        else:  # the ratio over all loss positions of the batch: weights = positions per micro
+
+            def micro(carry, j, tokens):
+                out = grad_fn(state.student, tokens, jax.random.fold_in(key, j))
+                return carry, (out, out[0][1]["loss_positions"] * tokens.size)
+
+            tokens = accumulate.split(batch["tokens"], accum)
+            (loss, aux), grads = accumulate.weighted_mean(micro, (), accum, tokens)[1]
         student_params, student_opt = apply_gradients(
             optimizer, state.student, state.student_opt, grads
         )

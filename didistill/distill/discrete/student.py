@@ -9,7 +9,8 @@ the teacher's architecture and starts from its params; what it inherits from the
 - the network, params and meta, checked against the config: `config.teacher.checkpoint` set, the
   method's own config checks (`validate(net)`), then the data's vocabulary V (the synthetic
   language's, or the tokenizer's for `config.data.kind='tfds'`, real text: a prepared tfds
-  dataset, `mdlm.data_streams`) and the sequence length L <= the teacher's `max_length`;
+  dataset, or the shards' for `kind='tokens'`, pre-tokenised text, `mdlm.data_streams`) and
+  the sequence length L <= the teacher's `max_length`;
 - the schedule alpha_t (name and eps of the teacher's `diffusion` meta; log-linear, eps = 1e-3
   when absent), the mask id V, and whether the ancestral sampler may cache the network (exact
   only for a time-agnostic denoiser, alpha_t entering x_theta only through z_t);
@@ -150,9 +151,12 @@ def load(config, validate: Callable[[DiT], None] = lambda net: None) -> TextStud
     vocab_size, lang, train_stream, heldout_stream = data_streams(config)
     length = config.data.length
     if vocab_size != net.vocab_size or length > net.max_length:
-        source = (
-            f"language {config.data.language!r}" if lang else f"tokenizer {config.data.tokenizer!r}"
-        )
+        if lang:
+            source = f"language {config.data.language!r}"
+        elif config.data.kind == "tokens":
+            source = f"token shards {config.data.get('tokens_dir', '')!r}"
+        else:
+            source = f"tokenizer {config.data.tokenizer!r}"
         raise ValueError(
             f"config.data ({source}, V={vocab_size}, length {length}) does not fit the teacher "
             f"(V={net.vocab_size}, max_length {net.max_length}); use the data and length the "

@@ -10,7 +10,8 @@ weights, ema <- d ema + (1 - d) theta with d = min(ema_decay, (1 + step)/(10 + s
 `config.ema_warmup`.
 
 Data: `config.data.kind = 'synthetic'` (a language of `didistill.data.text`, exact likelihood)
-or 'tfds' (real text: a prepared tfds dataset and the byte or GPT-2 tokenizer).
+or 'tfds' (real text: a prepared tfds dataset and the byte or GPT-2 tokenizer), or 'tokens'
+(real text pre-tokenised once into memory-mapped shards, `didistill.data.token_shards`).
 
 `evaluate` (EMA params): draws `eval.num_samples` sequences with the cached ancestral sampler at
 each of `eval.sample_steps`, reporting `steps{N}/gen_ppl`, `/entropy`, `/nfe` (and, for
@@ -99,7 +100,29 @@ def data_streams(config):
             return text.text_batches(src, tok, config.seed, n, d.length, 0, 0, d.text_key, framing)
 
         return tok.vocab_size, None, train, heldout
-    raise ValueError(f"config.data.kind={d.kind!r} must be 'synthetic' or 'tfds'")
+    if d.kind == "tokens":  # pre-tokenised shards (data/token_shards.py): no tokenizer here
+        from didistill.data import token_shards
+
+        framing = d.get("framing", "none")
+        streams = {"train": token_shards.TokenStream(d.get("tokens_dir", ""))}
+
+        def stream(name):
+            if name not in streams:  # held-out shards opened on first use
+                streams[name] = token_shards.TokenStream(d.get("heldout_tokens_dir", ""))
+            return streams[name]
+
+        def train(start, n, shard):
+            return token_shards.token_batches(
+                stream("train"), config.seed, n, d.length, start, shard, framing
+            )
+
+        def heldout(n):
+            return token_shards.token_batches(
+                stream("heldout"), config.seed, n, d.length, 0, 0, framing
+            )
+
+        return streams["train"].vocab_size, None, train, heldout
+    raise ValueError(f"config.data.kind={d.kind!r} must be 'synthetic', 'tfds' or 'tokens'")
 
 
 def external_judge(config):
