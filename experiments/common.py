@@ -28,11 +28,18 @@ def use_compilation_cache(workdir: str, cache: str | None) -> None:
 
 def train_run(config, workdir: str) -> dict:
     """The eval results of one engine run of `config` in `workdir` (a finished run is reused,
-    an interrupted one resumed)."""
+    an interrupted one resumed). A run stopped by SIGTERM / SIGINT ends the experiment with one
+    line (exit status 1) after the engine's checkpoint."""
     from didistill.distill import get_method
     from didistill.train.loop import train
 
-    return train(get_method(config), config, workdir)["eval"]
+    result = train(get_method(config), config, workdir)
+    if result["preempted"]:  # SIGTERM / Ctrl-C: the engine saved a checkpoint
+        raise SystemExit(
+            f"{workdir}: stopped at step {result['step']} on request (checkpoint saved); "
+            "rerun the same command to resume"
+        )
+    return result["eval"]
 
 
 def quiet_logs() -> None:

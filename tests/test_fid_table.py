@@ -99,3 +99,14 @@ def test_unknown_method_is_a_usage_error():
     command = [sys.executable, os.path.join(REPO, "experiments/fid_table.py"), "--methods=gan"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "unknown methods ['gan']" in done.stderr
+
+
+def test_a_run_stopped_on_request_ends_the_experiment_with_one_line(monkeypatch):
+    from didistill import distill
+    from didistill.train import loop
+    from experiments import common
+
+    monkeypatch.setattr(distill, "get_method", lambda config: None)
+    monkeypatch.setattr(loop, "train", lambda *a: {"preempted": True, "step": 3, "eval": None})
+    with pytest.raises(SystemExit, match=r"^W: stopped at step 3 on request .* resume$"):
+        common.train_run(None, "W")
