@@ -128,6 +128,34 @@ def _mib(n) -> float:
     return n / 2**20
 
 
+def _step_row(name, settings, j_med, j_first, compile_s, temp, j_mem, rows) -> dict:
+    """The timing and memory fields of one step line: ours (jitted: median seconds `j_med`,
+    first call, compile, XLA temp size, RSS increase) against the reference's `rows['eager']`
+    (and `rows['compile']` when torch.compile ran)."""
+    eager = rows["eager"]
+    row = dict(
+        name=name,
+        settings=settings,
+        ours_steps_per_s=1 / j_med,
+        ref_steps_per_s=1 / eager["med"],
+        ratio=eager["med"] / j_med,
+        ours_compile_s=compile_s,
+        ours_first_call_s=j_first,
+        ours_temp_mib=_mib(getattr(temp, "temp_size_in_bytes", 0)) if temp else None,
+        ours_peak_rss_mib=_mib(j_mem),
+        ref_peak_rss_mib=_mib(eager["mem"]),
+    )
+    if "compile" in rows:
+        c = rows["compile"]
+        row.update(
+            ref_compiled_steps_per_s=1 / c["med"],
+            ref_compiled_compile_s=c["first"] - c["med"],
+            ratio_vs_compiled=c["med"] / j_med,
+            ref_compiled_peak_rss_mib=_mib(c["mem"]),
+        )
+    return row
+
+
 def _torch():
     try:
         import torch
@@ -335,30 +363,25 @@ def bench_dmd(s, repeats, compile_torch, log) -> dict:
         f"{cfg['attn_resolutions']}, 10 classes; batch {s['batch']}, critic_steps "
         f"{s['critic_steps']}; float32"
     )
-    row = dict(
-        name="dmd step (FastGen DMD2 without GAN)",
-        settings=settings,
-        ours_steps_per_s=1 / j_med,
-        ref_steps_per_s=1 / eager["med"],
-        ratio=eager["med"] / j_med,
-        ours_compile_s=compile_s,
-        ours_first_call_s=j_first,
-        ours_temp_mib=_mib(getattr(temp, "temp_size_in_bytes", 0)) if temp else None,
-        ours_peak_rss_mib=_mib(j_mem),
-        ref_peak_rss_mib=_mib(eager["mem"]),
+    row = _step_row(
+        "dmd step (FastGen DMD2 without GAN)",
+        settings,
+        j_med,
+        j_first,
+        compile_s,
+        temp,
+        j_mem,
+        rows,
+    )
+    row.update(
         ours_loss=ours_loss,
         ref_loss=ref_loss,
         loss_abs_diff=diff,
         generator_update_rel_gap=update_gap,
     )
     if "compile" in rows:
-        c = rows["compile"]
-        row.update(
-            ref_compiled_steps_per_s=1 / c["med"],
-            ref_compiled_compile_s=c["first"] - c["med"],
-            ratio_vs_compiled=c["med"] / j_med,
-            ref_compiled_peak_rss_mib=_mib(c["mem"]),
-            ref_compiled_loss_abs_diff=float(np.max(np.abs(c["fake"] - eager["fake"]))),
+        row["ref_compiled_loss_abs_diff"] = float(
+            np.max(np.abs(rows["compile"]["fake"] - eager["fake"]))
         )
     return row
 
@@ -452,30 +475,14 @@ def bench_mdlm(s, repeats, compile_torch, log) -> dict:
         f"{s['vocab']}+[MASK], length {s['length']}, batch {s['text_batch']}; AdamW 3e-4, clip "
         "1, EMA; dropout 0; float32"
     )
-    row = dict(
-        name="mdlm teacher step",
-        settings=settings,
-        ours_steps_per_s=1 / j_med,
-        ref_steps_per_s=1 / eager["med"],
-        ratio=eager["med"] / j_med,
-        ours_compile_s=compile_s,
-        ours_first_call_s=j_first,
-        ours_temp_mib=_mib(getattr(temp, "temp_size_in_bytes", 0)) if temp else None,
-        ours_peak_rss_mib=_mib(j_mem),
-        ref_peak_rss_mib=_mib(eager["mem"]),
+    row = _step_row("mdlm teacher step", settings, j_med, j_first, compile_s, temp, j_mem, rows)
+    row.update(
         ours_loss=float(j_loss),
         ref_loss=eager["loss"],
         loss_abs_diff=abs(float(j_loss) - eager["loss"]),
     )
     if "compile" in rows:
-        c = rows["compile"]
-        row.update(
-            ref_compiled_steps_per_s=1 / c["med"],
-            ref_compiled_compile_s=c["first"] - c["med"],
-            ratio_vs_compiled=c["med"] / j_med,
-            ref_compiled_peak_rss_mib=_mib(c["mem"]),
-            ref_compiled_loss_abs_diff=abs(c["loss"] - eager["loss"]),
-        )
+        row["ref_compiled_loss_abs_diff"] = abs(rows["compile"]["loss"] - eager["loss"])
     return row
 
 

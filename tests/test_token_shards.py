@@ -114,17 +114,3 @@ def test_short_stream_and_bad_framing(tmp_path):
         next(token_shards.token_batches(stream, 0, 2, 10, framing="mdlm"))
     with pytest.raises(ValueError, match="config.data.framing='x'"):
         next(token_shards.token_batches(stream, 0, 2, 3, framing="x"))
-
-
-def test_runs_from_before_the_token_keys_still_resume(tmp_path):
-    """Keys added with an empty default (data.tokens_dir) do not orphan older workdirs."""
-    from didistill.train import workdir
-
-    old = synthetic_sdtt.get_config("markov,smoke")
-    del old.data["tokens_dir"], old.data["heldout_tokens_dir"]
-    workdir.check_fingerprint(old, str(tmp_path))
-    workdir.check_fingerprint(synthetic_sdtt.get_config("markov,smoke"), str(tmp_path))
-    changed = synthetic_sdtt.get_config("markov,smoke")
-    changed.data.tokens_dir = "TOKENS"
-    with pytest.raises(workdir.WorkdirMismatchError, match="data.tokens_dir was"):
-        workdir.check_fingerprint(changed, str(tmp_path))

@@ -193,3 +193,32 @@ def test_a_run_through_the_object_store_code_on_a_local_path(tmp_path, monkeypat
     )
     assert not (run / workdir.LOCK_FILE).exists()
     assert not [n for n in os.listdir(run) if ".tmp-" in n]
+
+
+@pytest.mark.parametrize(
+    "module, arg, added, changed",
+    [
+        (
+            "synthetic_sdtt",
+            "markov,smoke",
+            ("tokens_dir", "heldout_tokens_dir"),
+            ("tokens_dir", "T"),
+        ),
+        ("digits_distill", "dmd2,smoke", ("imbalance", "imbalance_seed"), ("imbalance", 30.0)),
+    ],
+)
+def test_runs_from_before_an_added_key_still_resume(tmp_path, module, arg, added, changed):
+    """Keys added to the library at a neutral value (workdir.ADDED_KEYS) do not orphan older
+    workdirs; another value of them is a difference."""
+    import importlib
+
+    load = lambda: importlib.import_module(f"didistill.configs.{module}").get_config(arg)
+    old = load()
+    for key in added:
+        del old.data[key]
+    workdir.check_fingerprint(old, str(tmp_path))
+    workdir.check_fingerprint(load(), str(tmp_path))
+    new = load()
+    new.data[changed[0]] = changed[1]
+    with pytest.raises(workdir.WorkdirMismatchError, match=f"data.{changed[0]} was"):
+        workdir.check_fingerprint(new, str(tmp_path))

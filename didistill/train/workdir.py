@@ -116,12 +116,23 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+# Config keys added to the library after workdirs existed, with the value that does what the
+# library did before the key existed: a run recorded without the key matches a config with
+# that value. Add a key here when adding it to a config with a neutral default.
+ADDED_KEYS = {
+    "data.tokens_dir": "",  # pre-tokenised shards (data/token_shards.py)
+    "data.heldout_tokens_dir": "",
+    "data.imbalance": 0.0,  # class-imbalanced digits (data/imbalance.py)
+    "data.imbalance_seed": 0,
+}
+
+
 def _differences(old: dict, new: dict) -> list[str]:
     out = []
     for key in sorted(set(old["config"]) | set(new["config"])):
         a, b = old["config"].get(key, "<absent>"), new["config"].get(key, "<absent>")
-        if key not in old["config"] and b == "":
-            continue  # a key added to the library since that run, at its empty default
+        if key not in old["config"] and key in ADDED_KEYS and b == ADDED_KEYS[key]:
+            continue  # a key added to the library since that run, at its neutral value
         if a != b:
             out.append(f"{key} was {_short(a)}, now {_short(b)}")
     for key in sorted(set(old.get("files", {})) & set(new["files"])):
