@@ -285,8 +285,9 @@ def cost_markdown(cost: list[dict], teacher_fid: dict[int, float]) -> str:
 def plot_curves(runs: dict[str, list[dict]], teacher_fid: dict[int, float], path: str) -> str:
     """FID of the periodic evaluations against the generator step, one line per method (mean
     over seeds, band min..max), the teacher's FID at each NFE as dashed lines."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    from didistill.eval.plots import save_figure
 
     fig = Figure(figsize=(7.0, 4.5))
     ax = fig.add_subplot(1, 1, 1)
@@ -317,9 +318,7 @@ def plot_curves(runs: dict[str, list[dict]], teacher_fid: dict[int, float], path
     ax.set_xlabel("generator step")
     ax.set_ylabel("digits feature FID (periodic samples)")
     ax.legend(fontsize=7)
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    return path
+    return save_figure(fig, path)
 
 
 def save_grid(grids: dict[str, np.ndarray], path: str) -> str:
@@ -334,8 +333,9 @@ def save_grid(grids: dict[str, np.ndarray], path: str) -> str:
 
 def plot(rows: list[dict], path: str) -> str:
     """Horizontal FID bars (grey: data and teacher rows, blue: students) with std error bars."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    from didistill.eval.plots import save_figure
 
     fig = Figure(figsize=(7.0, 0.35 * len(rows) + 1.0))
     ax = fig.add_subplot(1, 1, 1)
@@ -351,9 +351,7 @@ def plot(rows: list[dict], path: str) -> str:
     ax.set_yticks(y, [row["name"] for row in rows], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("digits feature FID (lower is better)")
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

@@ -132,8 +132,9 @@ def markdown(rows: list[dict], header: str = "") -> str:
 
 def plot(rows: list[dict], path: str) -> str:
     """Two panels of horizontal bars (accuracy, ECE) with std error bars."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    from didistill.eval.plots import save_figure
 
     fig = Figure(figsize=(9.0, 0.32 * len(rows) + 1.2))
     names = [row["name"] for row in rows]
@@ -151,9 +152,7 @@ def plot(rows: list[dict], path: str) -> str:
         ax.set_title(title, fontsize=9)
         if metric == "test/accuracy":
             ax.set_xlim(max(0.0, float(np.nanmin(mean - std)) - 2.0), 100.0)
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

@@ -204,8 +204,9 @@ def markdown(rows: list[dict], header: str, rare: list[int]) -> str:
 
 def plot_histograms(rows: list[dict], path: str) -> str:
     """Grouped bars: the share of each class per model (log scale), seed std as error bars."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    from didistill.eval.plots import save_figure
 
     fig = Figure(figsize=(9.0, 4.0))
     ax = fig.add_subplot(1, 1, 1)
@@ -225,9 +226,7 @@ def plot_histograms(rows: list[dict], path: str) -> str:
     ax.set_xlabel("class (classifier's argmax)")
     ax.set_ylabel("share of samples")
     ax.legend(fontsize=7)
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

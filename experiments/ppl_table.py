@@ -185,8 +185,9 @@ def markdown(rows: list[dict], steps, header: str) -> str:
 
 def plot(rows: list[dict], source_ppl: float, path: str) -> str:
     """Generative perplexity and entropy against sampler steps (log x), one line per model."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    from didistill.eval.plots import save_figure
 
     fig = Figure(figsize=(10.0, 3.8))
     axes = [fig.add_subplot(1, 2, i + 1) for i in range(2)]
@@ -206,9 +207,7 @@ def plot(rows: list[dict], source_ppl: float, path: str) -> str:
         ax.set_xlabel("sampler steps")
         ax.set_ylabel(label)
     axes[0].legend(fontsize=7)
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

@@ -14,7 +14,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 
-def _save(fig: Figure, path: str) -> str:
+def save_figure(fig: Figure, path: str) -> str:
+    """Writes `fig` to the PNG `path` (folders made as needed) on the Agg canvas; returns path."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=100, bbox_inches="tight")
@@ -87,7 +88,7 @@ def save_sample_grid(
         ax.set_yticks([])
         extra = (subtitles or {}).get(name)
         ax.set_title(name if not extra else f"{name}\n{extra}", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_image_grid(images, path: str, num_columns: int | None = None) -> str:
@@ -123,7 +124,7 @@ def save_bar_plot(
     ax.set_ylabel(ylabel)
     if log:
         ax.set_yscale("log")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_line_plot(
@@ -149,7 +150,7 @@ def save_line_plot(
         ax.set_yscale("log")
     if series:
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 __all__ = ["format_metrics", "save_bar_plot", "save_line_plot", "save_sample_grid"]
