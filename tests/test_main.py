@@ -219,12 +219,18 @@ def test_cluster_environment_detection():
     assert main.maybe_initialize_distributed("off", {"JAX_COORDINATOR_ADDRESS": "h:1"}) is None
 
 
+# A child that handles SIGINT as Ctrl-C even when pytest runs where SIGINT is ignored (`cmd &`).
+_CHILD = "import os, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+
+
 @pytest.mark.parametrize("debug", [False, True])
 def test_ctrl_c_while_python_imports_the_package_is_one_line(debug):
     """`python -m didistill.X` imports didistill (and JAX) with sys.argv[0] == '-m' before X's
-    handlers exist; a Ctrl-C there ends in one line and exit 130 (a traceback with the debug
-    variable). A library user's KeyboardInterrupt is untouched."""
-    code = "import sys; sys.argv[0] = '-m'; import didistill; raise KeyboardInterrupt"
+    handlers exist; a Ctrl-C there ends at once in one line and exit 130, with no
+    KeyboardInterrupt that could surface inside a loading C extension (a traceback with the
+    debug variable). Once X runs, Ctrl-C is Python's KeyboardInterrupt again, and a library
+    user's is untouched."""
+    code = _CHILD + "sys.argv[0] = '-m'; import didistill; os.kill(os.getpid(), signal.SIGINT)"
     env = dict(os.environ, DIDISTILL_DEBUG="1" if debug else "")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if debug:
@@ -235,8 +241,15 @@ def test_ctrl_c_while_python_imports_the_package_is_one_line(debug):
             "didistill: error: interrupted (Ctrl-C) during start-up: nothing was written; "
             "rerun the command."
         ]
+    running = _CHILD + (
+        "sys.argv[0] = '-m'; import didistill; sys.argv[0] = 'x.py'\n"
+        "try:\n    os.kill(os.getpid(), signal.SIGINT)\nexcept KeyboardInterrupt:\n"
+        "    print('caught')"
+    )
+    out = subprocess.run([sys.executable, "-c", running], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "caught", out.stderr
     library = subprocess.run(
-        [sys.executable, "-c", "import didistill; raise KeyboardInterrupt"],
+        [sys.executable, "-c", _CHILD + "import didistill; os.kill(os.getpid(), signal.SIGINT)"],
         capture_output=True,
         text=True,
     )

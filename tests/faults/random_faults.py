@@ -90,6 +90,7 @@ class Runner:
         self.env = dict(
             os.environ,
             JAX_PLATFORMS="cpu",
+            PYTHONFAULTHANDLER="1",  # a crash prints the Python stack of every thread
             JAX_COMPILATION_CACHE_DIR=os.path.join(root, "jax_cache"),
             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
@@ -98,6 +99,7 @@ class Runner:
         self.env.pop("DIDISTILL_DEBUG", None)
         self.counts = collections.Counter()
         self.errors: list[str] = []
+        self.error_tails: list[str] = []  # the stderr ends of those exits, for the report
         self.differences: list[str] = []
 
     def start(self, workdir, *extra):
@@ -196,6 +198,7 @@ class Runner:
         for _ in range(MAX_STARTS):
             proc = self.start(workdir, *extra)
             extra = ()
+            fault = None
             if kill_next:
                 phase = self.wait_for_kill_point(proc, workdir)
                 if phase is not None:
@@ -206,6 +209,7 @@ class Runner:
                     counts["faults"] += 1
                     counts[f"kind:{signal.Signals(sig).name}"] += 1
                     counts[f"phase:{phase}"] += 1
+                    fault = f"{signal.Signals(sig).name} during {phase}"
             _, stderr = proc.communicate(timeout=1200)
             if NO_USABLE in stderr and proc.returncode == 1:
                 counts["stopped: no usable checkpoint (rerun with --restart)"] += 1
@@ -214,7 +218,10 @@ class Runner:
                 continue
             if proc.returncode not in EXPECTED_CODES:
                 last = stderr.strip().splitlines()[-1:] or [str(proc.returncode)]
-                self.errors.append(f"{proc.returncode}: {last[0][:300]}")
+                self.errors.append(
+                    f"{proc.returncode} after {fault or 'no signal'}: {last[0][:300]}"
+                )
+                self.error_tails.append(stderr[-4000:])
             finished = proc.returncode == 0 and os.path.exists(f"{workdir}/eval.json")
             if finished and rng.random() >= 0.4:
                 break
@@ -363,6 +370,7 @@ def main(argv=None) -> int:
     wall = time.monotonic() - start
     c = sum((r.counts for r in runners), collections.Counter())
     errors = [e for r in runners for e in r.errors]
+    tails = [t for r in runners for t in r.error_tails]
     differences = [d for r in runners for d in r.differences]
     kinds = sorted((k.split(":", 1)[1], n) for k, n in c.items() if k.startswith("kind:"))
     phases = sorted((k.split(":", 1)[1], n) for k, n in c.items() if k.startswith("phase:"))
@@ -386,6 +394,8 @@ def main(argv=None) -> int:
         print(f"| {name} | {value} |")
     for error in errors[:10]:
         print("unexpected exit:", error, file=sys.stderr)
+    for tail in tails[:3]:
+        print("--- the end of an unexpected exit's stderr:\n" + tail, file=sys.stderr)
     for difference in differences[:10]:
         print("results differ:", difference, file=sys.stderr)
     return 0 if c["lost"] == 0 and not errors else 1
