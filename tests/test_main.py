@@ -224,7 +224,7 @@ _CHILD = "import os, signal, sys; signal.signal(signal.SIGINT, signal.default_in
 
 
 @pytest.mark.parametrize("debug", [False, True])
-def test_ctrl_c_while_python_imports_the_package_is_one_line(debug):
+def test_ctrl_c_while_python_imports_the_package_is_one_line(debug, tmp_path):
     """`python -m didistill.X` imports didistill (and JAX) with sys.argv[0] == '-m' before X's
     handlers exist; a Ctrl-C there ends at once in one line and exit 130, with no
     KeyboardInterrupt that could surface inside a loading C extension (a traceback with the
@@ -243,11 +243,24 @@ def test_ctrl_c_while_python_imports_the_package_is_one_line(debug):
         ]
     running = _CHILD + (
         "sys.argv[0] = '-m'; import didistill; sys.argv[0] = 'x.py'\n"
-        "try:\n    os.kill(os.getpid(), signal.SIGINT)\nexcept KeyboardInterrupt:\n"
-        "    print('caught')"
-    )
+        "def main():\n    os.kill(os.getpid(), signal.SIGINT)\n"
+        "try:\n    main()\nexcept KeyboardInterrupt:\n    print('caught')"
+    )  # the command's own code (in a function, not an import): KeyboardInterrupt
     out = subprocess.run([sys.executable, "-c", running], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "caught", out.stderr
+    # a Ctrl-C while the running command imports a module: one line too
+    (tmp_path / "interrupted_import.py").write_text(
+        "import os, signal\nos.kill(os.getpid(), signal.SIGINT)\n"
+    )
+    importing = _CHILD + (
+        f"sys.path.insert(0, {str(tmp_path)!r}); sys.argv[0] = '-m'; import didistill; "
+        "sys.argv[0] = 'x.py'; import interrupted_import"
+    )
+    out = subprocess.run([sys.executable, "-c", importing], capture_output=True, text=True)
+    if not debug:
+        assert out.returncode == 130, out.stderr
+        (line,) = out.stderr.strip().splitlines()
+        assert line.startswith("didistill: error: interrupted (Ctrl-C) while Python loaded")
     library = subprocess.run(
         [sys.executable, "-c", _CHILD + "import didistill; os.kill(os.getpid(), signal.SIGINT)"],
         capture_output=True,
