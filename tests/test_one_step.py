@@ -65,6 +65,23 @@ def test_every_method_steps_under_jit(arg, tiny_toy_teacher):
     assert any(jax.tree.leaves(changed)), "the generator did not move"
 
 
+def test_linear_decay_schedules_count_the_run_length(tiny_toy_teacher):
+    """schedule='warmup_linear_decay' with decay_steps 0 decays over the run: train.num_steps
+    generator updates and num_steps x critic_steps critic updates (it used to stop the run)."""
+    config = _smoke_config("dmd2", tiny_toy_teacher)
+    for name in ("optim_generator", "optim_fake_score", "optim_discriminator"):
+        config[name].schedule = "warmup_linear_decay"
+    method = get_method(config)
+    state = method.init(jax.random.key(0))
+    state, metrics = jax.jit(method.step)(
+        state, next(method.batches(0)), jax.random.key(0), jnp.int32(0)
+    )
+    assert all(np.isfinite(v) for v in metrics.values())
+    config.train.num_steps = 0
+    with pytest.raises(ValueError, match="needs decay_steps"):
+        get_method(config)
+
+
 def test_own_discriminator_trunk_and_scratch_generator(tiny_toy_teacher):
     config = _smoke_config("forward_kl,scratch", tiny_toy_teacher)
     config.discriminator.features = "own"

@@ -293,7 +293,7 @@ def make_method(config) -> Method:
     """Builds the step-halving `Method` for a `configs/synthetic_sdtt.py` config."""
     scaffold = student.load(config, lambda net: validate(config))
     d, net = config.distill, scaffold.net
-    optimizer = make_optimizer(config.optim_student)
+    optimizer = make_optimizer(config.optim_student, total_steps=config.train.num_steps)
     loss_fn = make_loss(d, scaffold.schedule, scaffold.mask_id)
     accum = accumulate.check(config)
 

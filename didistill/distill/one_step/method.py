@@ -196,9 +196,10 @@ def make_method(config) -> Method:
     cfg = config.distill
     spec = table.get(config.method)
     divergence = divergences.get(cfg.divergence, **dict(cfg.divergence_params))
-    opt_g = make_optimizer(config.optim_generator)
-    opt_f = make_optimizer(config.optim_fake_score)
-    opt_d = make_optimizer(config.optim_discriminator)
+    steps = config.train.num_steps  # schedules count updates: critic_steps critic ones per step
+    opt_g = make_optimizer(config.optim_generator, total_steps=steps)
+    opt_f = make_optimizer(config.optim_fake_score, total_steps=steps * max(cfg.critic_steps, 1))
+    opt_d = make_optimizer(config.optim_discriminator, total_steps=steps * max(cfg.critic_steps, 1))
     exact = cfg.ratio == "exact"
     sample_sigma = noise.make_sampler(cfg.noise, cfg)
     same_noise = cfg.fake_score_noise == "same"

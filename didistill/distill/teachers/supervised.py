@@ -68,7 +68,7 @@ def make_init_and_step(
     `config.optim` builds the optimizer; `config.ema_decay` is the EMA decay (with the warm-up
     of the module docstring when `ema_warmup`)."""
     check_common(config)
-    optimizer = make_optimizer(config.optim)
+    optimizer = make_optimizer(config.optim, total_steps=config.train.num_steps)
     accum = int(config.train.get("grad_accum_steps", 1))
     if accum < 1 or config.train.batch_size % (accum * jax.process_count()):
         raise ValueError(
