@@ -63,6 +63,13 @@ def reference(tmp_path_factory):
     return workdir, result
 
 
+def test_comparable_metrics_leave_out_timing_and_a_torn_last_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 2, "loss": 0.5, "steps_per_sec": 3.0}\n{"step": 4, "loss": 0.25}\n{"step": 6, "lo'
+    )
+    assert _metrics(str(tmp_path)) == [{"step": 2, "loss": 0.5}, {"step": 4, "loss": 0.25}]
+
+
 def test_uninterrupted_run_writes_the_run_directory(reference):
     workdir, result = reference
     assert result["step"] == 12 and not result["preempted"]

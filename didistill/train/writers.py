@@ -190,9 +190,10 @@ def make_writers(config, workdir: str, metrics_path: str, start: int, is_main: b
 
 def comparable_metrics(workdir: str) -> list[dict[str, Any]]:
     """The lines of `<workdir>/metrics.jsonl` without `TIMING_KEYS`: what two runs of the same
-    config share bit for bit (resume and fault-injection tests compare these)."""
+    config share bit for bit (resume and fault-injection tests compare these). A torn last line
+    (no newline: a kill while writing it; the next start cuts it) is not a line yet."""
     text = epath.Path(workdir, "metrics.jsonl").read_text()
-    lines = [json.loads(line) for line in text.splitlines()]
+    lines = [json.loads(line) for line in text.split("\n")[:-1] if line]
     return [{k: v for k, v in line.items() if k not in TIMING_KEYS} for line in lines]
 
 

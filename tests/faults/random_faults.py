@@ -81,6 +81,9 @@ CONFIGS = {
 MAX_STARTS = 30
 EXPECTED_CODES = (0, -signal.SIGKILL, -signal.SIGTERM, -signal.SIGINT, 130)
 NO_USABLE = "no usable checkpoint"
+# Python's own start-up, before any code of the run: a SIGINT there is a fatal error of the
+# interpreter (exit 1, nothing written) that no Python code can catch
+PYTHON_INIT = "Fatal Python error: init_import_site"
 
 
 class Runner:
@@ -179,6 +182,8 @@ class Runner:
             if phase == "training"
             else self.total_lines
         )
+        if _lines(workdir) >= target:  # already there (an earlier start wrote it): start-up
+            phase = "start-up"
         while _lines(workdir) < target:
             if proc.poll() is not None:
                 return None
@@ -216,7 +221,9 @@ class Runner:
                 extra = ("--restart",)
                 kill_next = rng.random() < 0.5
                 continue
-            if proc.returncode not in EXPECTED_CODES:
+            if proc.returncode == 1 and PYTHON_INIT in stderr and fault and "SIGINT" in fault:
+                counts[f"SIGINT while Python itself starts ({PYTHON_INIT}, exit 1)"] += 1
+            elif proc.returncode not in EXPECTED_CODES:
                 last = stderr.strip().splitlines()[-1:] or [str(proc.returncode)]
                 self.errors.append(
                     f"{proc.returncode} after {fault or 'no signal'}: {last[0][:300]}"
@@ -374,7 +381,9 @@ def main(argv=None) -> int:
     differences = [d for r in runners for d in r.differences]
     kinds = sorted((k.split(":", 1)[1], n) for k, n in c.items() if k.startswith("kind:"))
     phases = sorted((k.split(":", 1)[1], n) for k, n in c.items() if k.startswith("phase:"))
-    stops = [(k, n) for k, n in c.items() if k.startswith(("stopped:", "unfinished"))]
+    stops = [
+        (k, n) for k, n in c.items() if k.startswith(("stopped:", "unfinished", "SIGINT while"))
+    ]
     rows = [
         ("config", f"{args.config} (seed {args.seed}, {args.jobs} at a time)"),
         ("runs", runs),
