@@ -58,7 +58,7 @@ import numpy as np
 
 from didistill import xla_cpu  # noqa: F401  (before the first computation: XLA:CPU flags)
 
-PARTS = ("dmd", "mdlm", "sampling")
+PARTS = ("dmd", "dmd_gan", "mdlm", "didi", "sampling")
 SIGMA_G = 80.0  # the generator's input noise level (FastGen / DMD2, cifar10_distill)
 TINY = dict(
     channels=8, blocks=1, levels=1, resolution=8, batch=2, critic_steps=1, dit_width=32,
@@ -203,8 +203,10 @@ def unet_config(s) -> dict:
     return cfg
 
 
-def dmd_inputs(s, shape, label_dim, seed=0) -> dict:
-    """NumPy noise of one step: critic_* [K, B, ...] and gen_* [B, ...] (NHWC images)."""
+def dmd_inputs(s, shape, label_dim, seed=0, real=False) -> dict:
+    """NumPy noise of one step: critic_* [K, B, ...] and gen_* [B, ...] (NHWC images); with
+    `real` also the discriminator's real images critic_real [K, B, ...] (uniform in [-1, 1]),
+    their noise levels critic_real_sigma [K, B] and noise critic_real_eps."""
     from didistill.distill.one_step.noise import karras_grid_ascending
 
     rng = np.random.default_rng(seed)
@@ -222,12 +224,24 @@ def dmd_inputs(s, shape, label_dim, seed=0) -> dict:
     critic, gen = draw(k, b), draw(b)
     out = {f"critic_{n}": v for n, v in critic.items()}
     out.update({f"gen_{n}": v for n, v in gen.items()})
+    if real:
+        k, b = s["critic_steps"], s["batch"]
+        out["critic_real"] = rng.uniform(-1, 1, (k, b, *shape)).astype(np.float32)
+        out["critic_real_sigma"] = grid[rng.integers(2, 999, (k, b))]
+        out["critic_real_eps"] = rng.standard_normal((k, b, *shape), np.float32)
     return out
 
 
-def jax_dmd_step(net, critic_steps):
+def jax_dmd_step(net, critic_steps, head=None, resolutions=()):
     """This library's step (see the module docstring); returns jit-able step(state, teacher,
-    inputs) -> (state, (fake-score losses [K], surrogate loss, VSD value))."""
+    inputs) -> (state, losses) and the optimisers (generator, fake score, discriminator).
+
+    state = (g, g_opt, f, f_opt) or, with a discriminator `head` (`nets.unet.LogitHeads` on the
+    teacher's encoder features at `resolutions`: `one_step.images`' `disc_logit`), (g, g_opt,
+    f, f_opt, d, d_opt). losses = (fake-score losses [K], surrogate, VSD value) or (fake-score
+    losses [K], discriminator losses [K], surrogate, VSD value, generator GAN loss). As in
+    `one_step.method`: each critic update differentiates fake-score + discriminator loss
+    jointly and applies both optimisers; the generator adds `gan_weight` x the GAN term."""
     from didistill import divergences
     from didistill.configs import cifar10_distill
     from didistill.distill.one_step import losses
@@ -235,6 +249,8 @@ def jax_dmd_step(net, critic_steps):
 
     config = cifar10_distill.get_config("dmd2")
     opt_g, opt_f = make_optimizer(config.optim_generator), make_optimizer(config.optim_fake_score)
+    opt_d = make_optimizer(config.optim_discriminator)
+    gan_weight = float(config.distill.gan_weight)  # 1e-3, FastGen's gan_loss_weight_gen
     reverse_kl = divergences.get("reverse_kl")
     sg = jax.lax.stop_gradient
 
@@ -244,21 +260,39 @@ def jax_dmd_step(net, critic_steps):
     def noised(x0, sigma, eps):
         return x0 + sigma[:, None, None, None] * eps
 
+    def disc_logit(d, teacher, x, sigma, y):  # one_step.images.build's disc_logit
+        _, feats = net.apply(teacher, x, sigma, y, features=True)
+        return head.apply(d, {r: feats[r] for r in resolutions})
+
     def step(state, teacher, inp):
-        g, g_opt, f, f_opt = state
-        fake_losses = []
+        g, g_opt, f, f_opt, *disc = state
+        d, d_opt = disc if head is not None else (None, None)
+        fake_losses, disc_losses = [], []
         for i in range(critic_steps):  # a Python loop, as one_step.method
             y, sigma = inp["critic_y"][i], inp["critic_sigma"][i]
             x0 = sg(gen(g, inp["critic_z"][i], y))
             xt = noised(x0, sigma, inp["critic_eps"][i])
 
-            def fake_loss(p, xt=xt, x0=x0, sigma=sigma, y=y):
-                d = net.apply(p, xt, sigma, y)
-                return losses.fake_score_loss(d, x0, sigma, net.sigma_data, "none")
+            def critic_loss(params, xt=xt, x0=x0, sigma=sigma, y=y, i=i):
+                out = net.apply(params[0], xt, sigma, y)
+                f_loss = losses.fake_score_loss(out, x0, sigma, net.sigma_data, "none")
+                if head is None:
+                    return f_loss, (f_loss, jnp.zeros(()))
+                real_sigma = inp["critic_real_sigma"][i]
+                real_t = noised(inp["critic_real"][i], real_sigma, inp["critic_real_eps"][i])
+                logit_real = disc_logit(params[1], teacher, real_t, real_sigma, y)
+                logit_fake = disc_logit(params[1], teacher, xt, sigma, y)
+                d_loss = losses.discriminator_loss(logit_real, logit_fake)
+                return f_loss + d_loss, (f_loss, d_loss)
 
-            loss, grads = jax.value_and_grad(fake_loss)(f)
-            f, f_opt = apply_gradients(opt_f, f, f_opt, grads)
-            fake_losses.append(loss)
+            (_, (f_loss, d_loss)), (f_grads, d_grads) = jax.value_and_grad(
+                critic_loss, has_aux=True
+            )((f, d))
+            f, f_opt = apply_gradients(opt_f, f, f_opt, f_grads)
+            if head is not None:
+                d, d_opt = apply_gradients(opt_d, d, d_opt, d_grads)
+            fake_losses.append(f_loss)
+            disc_losses.append(d_loss)
 
         def gen_loss(p):
             y, sigma = inp["gen_y"], inp["gen_sigma"]
@@ -269,33 +303,74 @@ def jax_dmd_step(net, critic_steps):
             loss = losses.f_distill_generator_loss(x0, d_teacher, d_fake, zero, reverse_kl)
             w = losses.dmd_normalizer(x0, d_teacher)[:, None, None, None]
             vsd = 0.5 * jnp.mean(((d_fake - d_teacher) * w) ** 2)  # FastGen's value
-            return loss, sg(vsd)
+            gan = jnp.zeros(())
+            if head is not None:
+                gan = losses.generator_gan_loss(disc_logit(d, teacher, xt, sigma, y))
+            return loss + gan_weight * gan, (loss, sg(vsd), gan)
 
-        (loss, vsd), grads = jax.value_and_grad(gen_loss, has_aux=True)(g)
+        (_, (loss, vsd, gan)), grads = jax.value_and_grad(gen_loss, has_aux=True)(g)
         g, g_opt = apply_gradients(opt_g, g, g_opt, grads)
-        return (g, g_opt, f, f_opt), (jnp.stack(fake_losses), loss, vsd)
+        if head is None:
+            return (g, g_opt, f, f_opt), (jnp.stack(fake_losses), loss, vsd)
+        out = (jnp.stack(fake_losses), jnp.stack(disc_losses), loss, vsd, gan)
+        return (g, g_opt, f, f_opt, d, d_opt), out
 
-    return step, opt_g, opt_f
+    return step, opt_g, opt_f, opt_d
 
 
-def bench_dmd(s, repeats, compile_torch, log) -> dict:
+def feature_resolutions(s) -> list[int]:
+    """The discriminator's feature resolutions: every U-Net level (FastGen's CIFAR-10
+    `feature_indices={0, 1, 2}`: 32, 16, 8)."""
+    return [s["resolution"] >> level for level in range(s["levels"])]
+
+
+def _rel_gap(before: dict, ours: dict, ref: dict) -> float:
+    """|dtheta_ours - dtheta_ref| / |dtheta_ours| over all named parameters."""
+    num = den = 0.0
+    for name, b in before.items():
+        num += float(np.sum((np.asarray(ours[name]) - ref[name]) ** 2))
+        den += float(np.sum((np.asarray(ours[name]) - b) ** 2))
+    return float(np.sqrt(num / max(den, 1e-30)))
+
+
+def _flat(tree) -> dict:
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in
+            jax.tree_util.tree_flatten_with_path(tree)[0]}  # fmt: skip
+
+
+def bench_dmd(s, repeats, compile_torch, log, gan=False) -> dict:
+    """The `dmd` line (FastGen's DMD2 step without its GAN branch) or, with `gan`, the
+    `dmd_gan` line: the same step with FastGen's discriminator on the teacher's features."""
     torch = _torch()
     from benchmarks.peer_torch import edm_unet, fastgen_dmd
     from didistill.nets.convert_edm import export_state_dict, param_template, unet_from_config
+    from didistill.nets.unet import LogitHeads
 
+    tag = "dmd_gan" if gan else "dmd"
     cfg = unet_config(s)
     net, shape = unet_from_config(cfg)
     teacher = random_params(param_template(net, shape), seed=0)
-    inputs = dmd_inputs(s, shape, net.label_dim)
-    step, opt_g, opt_f = jax_dmd_step(net, s["critic_steps"])
+    inputs = dmd_inputs(s, shape, net.label_dim, real=gan)
+    res = feature_resolutions(s) if gan else []
+    channels = s["channels"] * 2  # channel_mult 2 at every level
+    head = LogitHeads(resolutions=tuple(res), width=0) if gan else None
+    step, opt_g, opt_f, opt_d = jax_dmd_step(net, s["critic_steps"], head, tuple(res))
+    disc = None
+    if gan:
+        feats = {r: jnp.zeros((1, r, r, channels)) for r in res}
+        disc = random_params(jax.eval_shape(head.init, jax.random.key(0), feats), seed=4)
 
     def fresh_state():  # generator and fake score start from the teacher (own buffers)
         g, f = jax.tree.map(jnp.copy, teacher), jax.tree.map(jnp.copy, teacher)
-        return (g, opt_g.init(g), f, opt_f.init(f))
+        state = (g, opt_g.init(g), f, opt_f.init(f))
+        if gan:
+            d = jax.tree.map(jnp.copy, disc)
+            state += (d, opt_d.init(d))
+        return state
 
     state = fresh_state()
     jinp = {k: jnp.asarray(v) for k, v in inputs.items()}
-    log("  dmd: compiling our step ...")
+    log(f"  {tag}: compiling our step ...")
     start = time.perf_counter()
     compiled = jax.jit(step, donate_argnums=0).lower(state, teacher, jinp).compile()
     compile_s = time.perf_counter() - start
@@ -306,15 +381,14 @@ def bench_dmd(s, repeats, compile_torch, log) -> dict:
         holder["state"], out = compiled(holder["state"], teacher, jinp)
         return out
 
-    log("  dmd: timing ours ...")
+    log(f"  {tag}: timing ours ...")
 
-    def keep_generator():  # the generator after one step, for the update comparison
-        holder["g_after"] = jax.device_get(holder["state"][0])
+    def keep_ours():  # generator (and discriminator) after one step, for the update comparison
+        st = jax.device_get(holder["state"])
+        holder["after"] = (st[0], st[4] if gan else None)
 
-    (j_fake, _, j_vsd), j_first, j_med, j_mem = time_calls(
-        ours, repeats, jax.block_until_ready, keep_generator
-    )
-    g_after = holder["g_after"]
+    j_out, j_first, j_med, j_mem = time_calls(ours, repeats, jax.block_until_ready, keep_ours)
+    g_after, d_after = holder["after"]
     holder.clear()
     gc.collect()
 
@@ -329,60 +403,70 @@ def bench_dmd(s, repeats, compile_torch, log) -> dict:
         return out
 
     tinp = tensors(inputs, images=True)
-    rows = {}
+    rows, gaps = {}, {}
     for mode in ("eager", "compile") if compile_torch else ("eager",):
         nets = [edm_unet.from_flax(cfg, teacher) for _ in range(3)]
-        ref = fastgen_dmd.DMDStep(*nets, sigma_g=SIGMA_G, compile_nets=mode == "compile")
-        log(f"  dmd: timing the reference ({mode}) ...")
-        (t_fake, t_gen), t_first, t_med, t_mem = time_calls(lambda ref=ref: ref(tinp), repeats)
-        rows[mode] = dict(fake=t_fake.numpy(), vsd=float(t_gen), first=t_first, med=t_med,
-                          mem=t_mem)  # fmt: skip
-        if mode == "eager":  # the generator update of one step: ours vs the reference
-            check = [edm_unet.from_flax(cfg, teacher) for _ in range(3)]
-            fastgen_dmd.DMDStep(*check, sigma_g=SIGMA_G)(tinp)
-            named = {k: v.detach().numpy() for k, v in check[0].state_dict().items()}
+        t_disc = fastgen_dmd.discriminator_from_flax(disc, res, channels) if gan else None
+        ref = fastgen_dmd.DMDStep(*nets, sigma_g=SIGMA_G, compile_nets=mode == "compile",
+                                  discriminator=t_disc)  # fmt: skip
+        log(f"  {tag}: timing the reference ({mode}) ...")
+        after = {}
 
-            before, after = export_state_dict(teacher), export_state_dict(g_after)
-            num = den = 0.0
-            for name, b in before.items():
-                num += float(np.sum((after[name] - named[name]) ** 2))
-                den += float(np.sum((after[name] - b) ** 2))
-            update_gap = float(np.sqrt(num / max(den, 1e-30)))
-        ref = nets = None
+        def keep_ref(nets=nets, t_disc=t_disc, after=after):
+            after["g"] = {k: v.detach().numpy().copy() for k, v in nets[0].state_dict().items()}
+            if t_disc is not None:
+                after["d"] = [p.detach().numpy().copy() for p in t_disc.parameters()]
+
+        t_out, t_first, t_med, t_mem = time_calls(lambda ref=ref: ref(tinp), repeats,
+                                                  after_first=keep_ref)  # fmt: skip
+        rows[mode] = dict(out=[np.asarray(v) for v in t_out], first=t_first, med=t_med,
+                          mem=t_mem)  # fmt: skip
+        # the updates of one step: ours vs the reference
+        gaps[mode] = {"generator": _rel_gap(export_state_dict(teacher),
+                                            export_state_dict(g_after), after["g"])}  # fmt: skip
+        if gan:  # the same parameters in both orders (heads, then conv/GN/out per head)
+            ref_disc = fastgen_dmd.discriminator_from_flax(d_after, res, channels)
+            init_disc = fastgen_dmd.discriminator_from_flax(disc, res, channels)
+            names = [n for n, _ in ref_disc.named_parameters()]
+            ours_d = {n: p.detach().numpy() for n, p in ref_disc.named_parameters()}
+            init_d = {n: p.detach().numpy() for n, p in init_disc.named_parameters()}
+            gaps[mode]["discriminator"] = _rel_gap(init_d, ours_d, dict(zip(names, after["d"])))
+        ref = nets = t_disc = None
         gc.collect()
-    eager = rows["eager"]
-    ours_loss = dict(fake_score=[float(v) for v in np.asarray(j_fake)], vsd=float(j_vsd))
-    ref_loss = dict(fake_score=[float(v) for v in eager["fake"]], vsd=eager["vsd"])
-    diff = max(
-        [abs(a - b) for a, b in zip(ours_loss["fake_score"], ref_loss["fake_score"], strict=True)]
-        + [abs(ours_loss["vsd"] - ref_loss["vsd"])]
-    )
+    eager = rows["eager"]["out"]
+
+    def losses_of(out):
+        if gan:
+            fake, d, vsd, gan_g = out[0], out[1], out[-2], out[-1]
+            return dict(fake_score=[float(v) for v in np.ravel(fake)],
+                        discriminator=[float(v) for v in np.ravel(d)], vsd=float(vsd),
+                        gan_generator=float(gan_g))  # fmt: skip
+        return dict(fake_score=[float(v) for v in np.ravel(out[0])], vsd=float(out[-1]))
+
+    ours_loss = losses_of([np.asarray(v) for v in j_out])
+    if gan:  # ours: (fake, disc, surrogate, vsd, gan); the reference: (fake, disc, vsd, gan)
+        ours_loss = losses_of([np.asarray(j_out[0]), np.asarray(j_out[1]),
+                               np.asarray(j_out[3]), np.asarray(j_out[4])])  # fmt: skip
+    ref_loss = losses_of(eager)
+
+    def max_diff(a, b):
+        return max(float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k])))) for k in a)
+
     settings = (
         f"DDPM++ {s['resolution']}x{s['resolution']}x3, model_channels {s['channels']}, "
         f"channel_mult {tuple(cfg['channel_mult'])}, {s['blocks']} blocks/level, attention at "
         f"{cfg['attn_resolutions']}, 10 classes; batch {s['batch']}, critic_steps "
         f"{s['critic_steps']}; float32"
     )
-    row = _step_row(
-        "dmd step (FastGen DMD2 without GAN)",
-        settings,
-        j_med,
-        j_first,
-        compile_s,
-        temp,
-        j_mem,
-        rows,
-    )
-    row.update(
-        ours_loss=ours_loss,
-        ref_loss=ref_loss,
-        loss_abs_diff=diff,
-        generator_update_rel_gap=update_gap,
-    )
+    if gan:
+        settings += f"; discriminator heads at {res} ({channels} channels), GAN weight 1e-3"
+    name = "dmd step + GAN (FastGen DMD2)" if gan else "dmd step (FastGen DMD2 without GAN)"
+    row = _step_row(name, settings, j_med, j_first, compile_s, temp, j_mem, rows)
+    row.update(ours_loss=ours_loss, ref_loss=ref_loss, loss_abs_diff=max_diff(ours_loss, ref_loss))
+    row.update({f"{k}_update_rel_gap": v for k, v in gaps["eager"].items()})
     if "compile" in rows:
-        row["ref_compiled_loss_abs_diff"] = float(
-            np.max(np.abs(rows["compile"]["fake"] - eager["fake"]))
-        )
+        row["ref_compiled_loss_abs_diff"] = max_diff(losses_of(rows["compile"]["out"]), ref_loss)
+        row.update({f"ref_compiled_{k}_update_rel_gap": v for k, v in gaps["compile"].items()})
     return row
 
 
@@ -721,6 +805,9 @@ def main(argv=None) -> dict:
     if "dmd" in parts:
         log("dmd step ...")
         done([bench_dmd(s, s["repeats"], args.torch_compile, log)])
+    if "dmd_gan" in parts:
+        log("dmd step with the GAN branch ...")
+        done([bench_dmd(s, s["repeats"], args.torch_compile, log, gan=True)])
     if "mdlm" in parts:
         log("mdlm step ...")
         done([bench_mdlm(s, s["repeats"], args.torch_compile, log)])
