@@ -570,6 +570,128 @@ def bench_mdlm(s, repeats, compile_torch, log) -> dict:
     return row
 
 
+# --------------------------------------------------------------------------- DiDi-Instruct step
+
+DIDI_GROUP = 4  # samples per data row (the reference's num_samples_per_prompt)
+
+
+def didi_setup(s):
+    """(net, teacher params, the library's `DiDiInstruct` run, its initial state, data
+    tokens [B, L]): configs/owt_didi.py's settings on the `mdlm` line's DiT, B = text_batch x 4
+    (each data row repeated G = 4 times, as the reference), K = min(4, depth) trainable
+    discriminator blocks, constant learning rates (no warm-up: the step is the same at every
+    iteration), one critic update. The student starts from other random weights than the
+    teacher (as mid-training; at the teacher's weights the KL term would be exactly 0)."""
+    from didistill.configs import owt_didi
+    from didistill.diffusion import masked
+    from didistill.distill.discrete import didi, student
+
+    net, teacher = dit_setup(s)
+    b = s["text_batch"] * DIDI_GROUP
+    config = owt_didi.get_config()
+    config.data.length = s["length"]
+    config.train.batch_size = b
+    config.distill.update(disc_trainable_blocks=min(4, s["dit_depth"]), critic_steps=1)
+    for opt in (config.optim_student, config.optim_discriminator):
+        opt.update(schedule="warmup_constant", warmup_steps=0, weight_decay=0.0)
+    schedule = masked.get_schedule("loglinear", 1e-3)
+    scaffold = student.TextStudent(config, net, teacher, {}, None, schedule, None, None)
+    run = didi.DiDiInstruct(config, scaffold)
+    state = run.init(jax.random.key(5))
+    # a student away from the teacher (as mid-training), so that the KL term is not 0
+    moved = random_params(jax.eval_shape(lambda: teacher), seed=8)
+    state = state.replace(student=moved, student_ema=moved)
+    state = jax.tree.map(jnp.copy, state)  # own buffers (donated)
+    rows = np.random.default_rng(6).integers(0, s["vocab"], (s["text_batch"], s["length"]))
+    return net, teacher, run, state, np.repeat(rows, DIDI_GROUP, axis=0).astype(np.int32)
+
+
+def didi_noise(run, key, b, length, vocab) -> dict:
+    """The random draws of `run.step(state, batch, key, .)` with one critic update, taken from
+    the same keys the step splits (see `DiDiInstruct.step`, `critic_loss_and_grad`,
+    `student_objective`, `trajectory`): tau of both updates, the Gumbel noise of the two
+    trajectory steps of each, and the corruption uniforms. NumPy arrays."""
+    k_critic, k_student = jax.random.split(key)
+    k_critic = jax.random.split(k_critic, 1)[0]
+    _, k_fake, k_tau, _, k_mr, k_mf = jax.random.split(k_critic, 6)
+    shape = (b, length, vocab + 1)
+
+    def gumbels(k):
+        return [np.asarray(jax.random.gumbel(k_i, shape)) for k_i in jax.random.split(k, 2)]
+
+    out = dict(
+        critic_tau=run.sample_tau(k_tau, b), critic_gumbel=gumbels(k_fake),
+        critic_u_real=jax.random.uniform(k_mr, (b, length)),
+        critic_u_fake=jax.random.uniform(k_mf, (b, length)),
+    )  # fmt: skip
+    k_tau, k_traj, _, k_mask = jax.random.split(k_student, 4)
+    out.update(student_tau=run.sample_tau(k_tau, b), student_gumbel=gumbels(k_traj),
+               student_u=jax.random.uniform(k_mask, (b, length)))  # fmt: skip
+    return {k: v if isinstance(v, list) else np.asarray(v) for k, v in out.items()}
+
+
+DIDI_LOSSES = ("discriminator_loss", "pg_loss", "kl_to_teacher", "entropy", "student_loss")
+
+
+def bench_didi(s, repeats, compile_torch, log) -> dict:
+    torch = _torch()
+    from benchmarks.peer_torch import didi_instruct, mdlm
+
+    net, teacher, run, state, tokens = didi_setup(s)
+    b, length = tokens.shape
+    key = jax.random.key(7)
+    batch = {"tokens": jnp.asarray(tokens)[:, None, :]}  # [B, critic_steps, L]
+    init = jax.device_get((state.student, state.discriminator, state.discriminator_stats))
+    log("  didi: compiling our step ...")
+    start = time.perf_counter()
+    compiled = jax.jit(run.step, donate_argnums=0).lower(state, batch, key, 0).compile()
+    compile_s = time.perf_counter() - start
+    temp = compiled.memory_analysis()
+    holder = {"state": state}
+
+    def ours():
+        holder["state"], metrics = compiled(holder["state"], batch, key, 0)
+        return {k: metrics[k] for k in DIDI_LOSSES}
+
+    log("  didi: timing ours ...")
+    j_out, j_first, j_med, j_mem = time_calls(ours, repeats, jax.block_until_ready)
+    holder.clear()
+    gc.collect()
+    noise = didi_noise(run, key, b, length, s["vocab"])
+    tnoise = {k: [torch.from_numpy(np.array(a)) for a in v] if isinstance(v, list)
+              else torch.from_numpy(np.array(v)) for k, v in noise.items()}  # fmt: skip
+    real = torch.from_numpy(tokens.astype(np.int64))
+    rows = {}
+    for mode in ("eager", "compile") if compile_torch else ("eager",):
+        disc = didi_instruct.discriminator_from_flax(teacher, *init[1:], s["dit_heads"])
+        ref = didi_instruct.DiDiStep(
+            mdlm.from_flax(init[0], s["dit_heads"]), mdlm.from_flax(teacher, s["dit_heads"]),
+            disc, group_size=DIDI_GROUP, compile_nets=mode == "compile",
+        )  # fmt: skip
+        log(f"  didi: timing the reference ({mode}) ...")
+        t_out, t_first, t_med, t_mem = time_calls(lambda ref=ref: ref(real, tnoise), repeats)
+        rows[mode] = dict(out=dict(zip(DIDI_LOSSES, map(float, t_out), strict=True)),
+                          first=t_first, med=t_med, mem=t_mem)  # fmt: skip
+        ref = disc = None
+        gc.collect()
+    ours_loss = {k: float(v) for k, v in j_out.items()}
+    ref_loss = rows["eager"]["out"]
+    settings = (
+        f"the mdlm line's DiT ({s['dit_depth']} x {s['dit_width']}, vocab {s['vocab']}), "
+        f"length {length}, batch {b} ({s['text_batch']} data rows x G={DIDI_GROUP}); "
+        f"configs/owt_didi.py: two-step trajectories, discriminator = teacher with the last "
+        f"{run.d.disc_trainable_blocks} blocks trainable + spectral-norm head, one critic "
+        "update, AdamW 3e-4 / 1e-5 (constant), clip 0.5 / 1, KL 0.01, entropy 5e-4, EMA; float32"
+    )
+    row = _step_row("didi-instruct step", settings, j_med, j_first, compile_s, temp, j_mem, rows)
+    row.update(ours_loss=ours_loss, ref_loss=ref_loss,
+               loss_abs_diff=max(abs(ours_loss[k] - ref_loss[k]) for k in DIDI_LOSSES))  # fmt: skip
+    if "compile" in rows:
+        c = rows["compile"]["out"]
+        row["ref_compiled_loss_abs_diff"] = max(abs(c[k] - ref_loss[k]) for k in DIDI_LOSSES)
+    return row
+
+
 # --------------------------------------------------------------------------- sampling
 
 
@@ -811,6 +933,9 @@ def main(argv=None) -> dict:
     if "mdlm" in parts:
         log("mdlm step ...")
         done([bench_mdlm(s, s["repeats"], args.torch_compile, log)])
+    if "didi" in parts:
+        log("didi-instruct step ...")
+        done([bench_didi(s, s["repeats"], args.torch_compile, log)])
     if "sampling" in parts:
         log("sampling ...")
         done(bench_sampling(s, s["repeats"], log))
