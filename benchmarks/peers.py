@@ -70,6 +70,16 @@ DEFAULT = dict(  # CPU-sized; the published CIFAR-10 U-Net is channels 128, bloc
     dit_depth=12, dit_heads=12, vocab=50257, length=64, text_batch=2, sample_batch=16,
     text_steps=8, repeats=3,
 )  # fmt: skip
+PUBLISHED = dict(  # --published: EDM's CIFAR-10 DDPM++ and MDLM's OpenWebText DiT widths
+    channels=128,
+    blocks=4,
+    levels=3,
+    resolution=32,
+    dit_width=768,
+    dit_depth=12,
+    dit_heads=12,
+    vocab=50257,
+)  # fmt: skip  (batches and the DiT length stay CPU-sized: published 2048 / 512 x 1,024)
 REPORT_FIELDS = (
     "name", "settings", "ours_steps_per_s", "ref_steps_per_s", "ratio", "ours_compile_s",
     "ours_peak_rss_mib", "ref_peak_rss_mib", "ours_loss", "ref_loss", "loss_abs_diff",
@@ -430,7 +440,9 @@ def bench_dmd(s, repeats, compile_torch, log, gan=False) -> dict:
             names = [n for n, _ in ref_disc.named_parameters()]
             ours_d = {n: p.detach().numpy() for n, p in ref_disc.named_parameters()}
             init_d = {n: p.detach().numpy() for n, p in init_disc.named_parameters()}
-            gaps[mode]["discriminator"] = _rel_gap(init_d, ours_d, dict(zip(names, after["d"])))
+            gaps[mode]["discriminator"] = _rel_gap(
+                init_d, ours_d, dict(zip(names, after["d"], strict=True))
+            )
         ref = nets = t_disc = None
         gc.collect()
     eager = rows["eager"]["out"]
@@ -695,7 +707,7 @@ def bench_didi(s, repeats, compile_torch, log) -> dict:
 # --------------------------------------------------------------------------- sampling
 
 
-def bench_sampling(s, repeats, log) -> list[dict]:
+def bench_sampling(s, repeats, log, compile_torch=False) -> list[dict]:
     torch = _torch()
     from benchmarks.peer_torch import edm_unet, mdlm
     from didistill.diffusion import masked
@@ -707,6 +719,7 @@ def bench_sampling(s, repeats, log) -> list[dict]:
     net, shape = unet_from_config(cfg)
     params = random_params(param_template(net, shape), seed=0)
     ref = edm_unet.from_flax(cfg, params)
+    compiled_ref = torch.compile(ref) if compile_torch else None
     b = s["sample_batch"]
     rng = np.random.default_rng(2)
     z = rng.standard_normal((b, *shape), np.float32)
@@ -740,25 +753,39 @@ def bench_sampling(s, repeats, log) -> list[dict]:
         ]  # few_step.sample's renoising noise, NCHW
 
         @torch.no_grad()
-        def reference(sigmas=sigmas, noise=noise):
+        def reference(sigmas=sigmas, noise=noise, module=ref):
             x = float(sigmas[0]) * tz
             for i, sigma in enumerate(sigmas):
-                x0 = ref(x, torch.full((b,), float(sigma)), ty)
+                x0 = module(x, torch.full((b,), float(sigma)), ty)
                 if i + 1 < len(sigmas):
                     x = x0 + float(sigmas[i + 1]) * noise[i]
             return x0
 
+        def image_diff(t_out, j_out=j_out):
+            return float(np.max(np.abs(np.moveaxis(t_out.numpy(), 1, -1) - np.asarray(j_out))))
+
         t_out, _, t_med, t_mem = time_calls(reference, repeats)
-        diff = float(np.max(np.abs(np.moveaxis(t_out.numpy(), 1, -1) - np.asarray(j_out))))
+        diff = image_diff(t_out)
+        compiled_row = {}
+        if compile_torch:
+            log(f"  sampling: {k}-step images, torch.compile ...")
+            c_out, c_first, c_med, c_mem = time_calls(
+                lambda reference=reference: reference(module=compiled_ref), repeats
+            )
+            compiled_row = dict(
+                ref_compiled_steps_per_s=b / c_med, ref_compiled_compile_s=c_first - c_med,
+                ratio_vs_compiled=c_med / j_med, ref_compiled_peak_rss_mib=_mib(c_mem),
+                ref_compiled_max_abs_image_diff=image_diff(c_out),
+            )  # fmt: skip
         rows.append(dict(
             name=f"{k}-step image student (images/s)",
             settings=f"the dmd line's DDPM++ ({s['channels']} channels), batch {b}",
             ours_steps_per_s=b / j_med, ref_steps_per_s=b / t_med, ratio=t_med / j_med,
             ours_compile_s=compile_s, ours_peak_rss_mib=_mib(j_mem),
             ref_peak_rss_mib=_mib(t_mem), ours_loss=None, ref_loss=None,
-            loss_abs_diff=None, max_abs_image_diff=diff,
+            loss_abs_diff=None, max_abs_image_diff=diff, **compiled_row,
         ))  # fmt: skip
-    ref = None
+    ref = compiled_ref = None
     gc.collect()
 
     net, variables = dit_setup(s)
@@ -791,13 +818,27 @@ def bench_sampling(s, repeats, log) -> list[dict]:
     agree = float(np.mean(t_tokens.numpy() == np.asarray(j_tokens)))
     (_, nfe), _, t_med, t_mem = time_calls(lambda: mdlm.sample(model, tx, mask_probs, own_noise),
                                            repeats)  # fmt: skip
+    compiled_row = {}
+    if compile_torch:
+        log("  sampling: text, torch.compile ...")
+        cmodel = torch.compile(model)
+        start = time.perf_counter()
+        c_tokens, _ = mdlm.sample(cmodel, tx, mask_probs, same_noise)  # compiles, and checks
+        c_first = time.perf_counter() - start
+        _, _, c_med, c_mem = time_calls(lambda: mdlm.sample(cmodel, tx, mask_probs, own_noise),
+                                        repeats)  # fmt: skip
+        compiled_row = dict(
+            ref_compiled_steps_per_s=bt * length / c_med, ref_compiled_compile_s=c_first - c_med,
+            ratio_vs_compiled=c_med / j_med, ref_compiled_peak_rss_mib=_mib(c_mem),
+            ref_compiled_token_agreement=float(np.mean(c_tokens.numpy() == np.asarray(j_tokens))),
+        )  # fmt: skip
     rows.append(dict(
         name=f"text sampler, {n} steps (tokens/s)",
         settings=f"the mdlm line's DiT, batch {bt}, length {length}, cached ancestral sampler",
         ours_steps_per_s=bt * length / j_med, ref_steps_per_s=bt * length / t_med,
         ratio=t_med / j_med, ours_compile_s=compile_s, ours_peak_rss_mib=_mib(j_mem),
         ref_peak_rss_mib=_mib(t_mem), ours_loss=None, ref_loss=None, loss_abs_diff=None,
-        ours_nfe=int(j_nfe), ref_nfe=int(t_nfe), token_agreement=agree,
+        ours_nfe=int(j_nfe), ref_nfe=int(t_nfe), token_agreement=agree, **compiled_row,
     ))  # fmt: skip
     return rows
 
@@ -866,6 +907,13 @@ def parse_args(argv=None):
         action="store_true",
         help="also time the reference under torch.compile (compile time apart)",
     )
+    parser.add_argument(
+        "--published",
+        action="store_true",
+        help="the networks at their published widths: DDPM++ 128 channels, channel_mult "
+        "(2, 2, 2), 4 blocks, attention at 16; DiT 12 x 768, 12 heads, vocab 50,257 (size "
+        "flags still override)",
+    )
     parser.add_argument("--json", default="", help="write every figure to this JSON file")
     for key, value in DEFAULT.items():
         if key != "repeats":
@@ -878,7 +926,11 @@ def parse_args(argv=None):
         parser.error(f"--only: {bad or 'nothing'} is not a comma-separated list of {PARTS}")
     if args.repeats < 0:
         parser.error(f"--repeats={args.repeats}: must be >= 1 (0 = the setting's default)")
+    if args.tiny and args.published:
+        parser.error("--published and --tiny: choose one setting")
     settings = dict(TINY if args.tiny else DEFAULT)
+    if args.published:
+        settings.update(PUBLISHED)
     for key in DEFAULT:
         value = getattr(args, key, None)
         if key != "repeats" and value is not None:
@@ -913,7 +965,9 @@ def main(argv=None) -> dict:
         f"[{time.perf_counter() - t0:6.1f} s] {msg}", file=sys.stderr, flush=True
     )  # noqa: E731
     results = {
-        "environment": environment("tiny" if args.tiny else "default", s["repeats"]),
+        "environment": environment(
+            "tiny" if args.tiny else "published" if args.published else "default", s["repeats"]
+        ),
         "settings": s,
         "lines": [],
     }
@@ -938,7 +992,7 @@ def main(argv=None) -> dict:
         done([bench_didi(s, s["repeats"], args.torch_compile, log)])
     if "sampling" in parts:
         log("sampling ...")
-        done(bench_sampling(s, s["repeats"], log))
+        done(bench_sampling(s, s["repeats"], log, args.torch_compile))
     results["total_s"] = time.perf_counter() - start
     print_report(results)
     print(f"\ntotal {results['total_s']:.0f} s")

@@ -30,8 +30,8 @@ The GAN branch (`DMDStep(..., discriminator=...)`, FastGen's `gan_loss_weight_ge
 - `common_loss.py` 106-136: generator softplus(-logits).mean(), discriminator
   softplus(fake).mean() + softplus(-real).mean().
 Optimisers as `configs/cifar10_distill.py:dmd2` (FastGen's CIFAR-10 DMD2): AdamW lr 1e-4,
-betas (0.9, 0.999), eps 1e-8, weight decay 0.01 for the generator, the fake score and the discriminator
-(FastGen `configs/opt.py` 44-51), the generator's gradients clipped at global norm 10
+betas (0.9, 0.999), eps 1e-8, weight decay 0.01 for the generator, the fake score and the
+discriminator (FastGen `configs/opt.py` 44-51), the generator's gradients clipped at global norm 10
 (`configs/callbacks.py` GradClip_CALLBACK: `model_key="net"`, the generator only).
 
 The generator is the one-step student G(z, y) = D_theta(sigma_g z; sigma_g, y). All noise
@@ -56,7 +56,8 @@ def _groups(channels: int) -> int:
 
 
 class DiscriminatorEDM(torch.nn.Module):
-    """FastGen's `Discriminator_EDM`: feats (list of [B, C, r, r], r in `resolutions`) -> [B, heads]."""
+    """FastGen's `Discriminator_EDM`: feats (list of [B, C, r, r], r in `resolutions`) ->
+    logits [B, heads]."""
 
     def __init__(self, resolutions, channels: int):
         super().__init__()
@@ -64,7 +65,9 @@ class DiscriminatorEDM(torch.nn.Module):
         heads = []
         for res in self.resolutions:
             if res < 8:
-                raise ValueError(f"FastGen's Discriminator_EDM needs feature maps >= 8x8, got {res}")
+                raise ValueError(
+                    f"FastGen's Discriminator_EDM needs feature maps >= 8x8, got {res}"
+                )
             layers = []
             for stride, pad in [(2, 1)] * (res.bit_length() - 4) + [(2, 1), (4, 0)]:
                 layers += [
@@ -78,7 +81,10 @@ class DiscriminatorEDM(torch.nn.Module):
 
     def forward(self, feats):
         return torch.cat(
-            [head(f).reshape(-1, 1) for head, f in zip(self.discriminator_heads, feats, strict=True)],
+            [
+                head(f).reshape(-1, 1)
+                for head, f in zip(self.discriminator_heads, feats, strict=True)
+            ],
             dim=1,
         )
 
@@ -93,7 +99,9 @@ def discriminator_from_flax(variables, resolutions, channels: int) -> Discrimina
         n = res.bit_length() - 2  # conv blocks: r -> ... -> 4 (stride 2), 4 -> 1
         for i in range(n):
             conv, norm = p[f"{res}x{res}_conv{i}"], p[f"{res}x{res}_norm{i}"]
-            state[f"discriminator_heads.{h}.{3 * i}.weight"] = np.transpose(conv["kernel"], (3, 2, 0, 1))
+            state[f"discriminator_heads.{h}.{3 * i}.weight"] = np.transpose(
+                conv["kernel"], (3, 2, 0, 1)
+            )
             state[f"discriminator_heads.{h}.{3 * i}.bias"] = conv["bias"]
             state[f"discriminator_heads.{h}.{3 * i + 1}.weight"] = norm["scale"]
             state[f"discriminator_heads.{h}.{3 * i + 1}.bias"] = norm["bias"]
@@ -146,8 +154,12 @@ class DMDStep:
         adamw = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
         self.opt_g = torch.optim.AdamW(generator.parameters(), **adamw)
         self.opt_f = torch.optim.AdamW(fake_score.parameters(), **adamw)
-        self.opt_d = torch.optim.AdamW(discriminator.parameters(), **adamw) if discriminator else None
-        self.res = tuple(discriminator.resolutions) if discriminator else ()
+        self.opt_d = (
+            torch.optim.AdamW(discriminator.parameters(), **adamw)
+            if discriminator is not None
+            else None
+        )
+        self.res = tuple(discriminator.resolutions) if discriminator is not None else ()
         wrap = torch.compile if compile_nets else (lambda m: m)
         nets = (generator, fake_score, teacher, discriminator)
         self.generator, self.fake_score, self.teacher, self.discriminator = (
