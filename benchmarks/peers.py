@@ -1,7 +1,7 @@
 """Speed side by side with the PyTorch reference implementations (issue 21), on one machine.
 
-    python -m benchmarks.peers [--tiny] [--only=dmd,mdlm,sampling] [--repeats=N]
-                               [--torch_compile] [--json=out.json] [size flags]
+    python -m benchmarks.peers [--tiny | --published] [--only=dmd,dmd_gan,mdlm,didi,sampling]
+                               [--repeats=N] [--torch_compile] [--json=out.json] [size flags]
 
 Needs the optional extra `peers` (`pip install -e '.[peers]'`, torch). Each line times the same
 work done by this library (jitted JAX) and by a plain-PyTorch transcription of the reference
@@ -15,13 +15,30 @@ work done by this library (jitted JAX) and by a plain-PyTorch transcription of t
             Ours: the library's `UNetDenoiser`, `one_step.losses.fake_score_loss`,
             `f_distill_generator_loss` (reverse KL, DMD time weight), `train.optim`;
             reference: `peer_torch.fastgen_dmd` on `peer_torch.edm_unet`.
+  dmd_gan   the same step with DMD2's GAN branch: FastGen's `Discriminator_EDM` heads on the
+            teacher's encoder features at every level (32/16/8 at 32x32), trained with the
+            fake score in each critic update (logistic loss, real images noised at their own
+            sigma), and the generator's GAN term (weight 1e-3). Ours: `nets.unet.LogitHeads`
+            on `net.apply(..., features=True)` (as `one_step.images`' `disc_logit`),
+            `losses.discriminator_loss` / `generator_gan_loss`, the joint critic gradient of
+            `one_step.method`; reference: `peer_torch.fastgen_dmd.DiscriminatorEDM`.
   mdlm      one MDLM teacher step on the DiT (layout 'mdlm'): SUBS continuous-time loss at
             given t and masks, AdamW, clip 1, EMA 0.9999. Ours: `nets.dit.DiT`,
             `diffusion.masked.subs_log_probs` / `nelbo_from_log_probs`; reference:
             `peer_torch.mdlm` (kuleshov-group/mdlm's DIT and `_forward_pass_diffusion`).
+  didi      one DiDi-Instruct step (`configs/owt_didi.py` settings, constant learning rates):
+            one discriminator update and one student update on the same DiT, batch
+            text_batch x 4. Ours: the library's own jitted `DiDiInstruct.step`; reference:
+            `peer_torch.didi_instruct` (the authors' `training_step`); the reference side is
+            given the step's random draws, re-drawn from the same JAX keys (`didi_noise`).
   sampling  images/s of the 1-step and 4-step image students (`one_step.few_step.sample`,
             renoising noise shared) and tokens/s of the cached MDLM ancestral sampler
             (`diffusion.masked.ancestral_sample`; the same Gumbel noise for the check).
+
+Sizes: the default setting is CPU-sized (DDPM++ at 32 channels, 1 block per level; the DiT at
+MDLM's width, length 64); `--published` sets EDM's CIFAR-10 DDPM++ (128 channels, channel_mult
+(2, 2, 2), 4 blocks, attention at 16) and MDLM's OpenWebText DiT (12 x 768, vocab 50,257),
+batches and the DiT length staying CPU-sized; each size flag overrides either.
 
 Per line: steps/s (or samples/s) of both, the ratio ours / reference, compile time apart
 (JAX: lower + compile; torch.compile: its first call minus a median step), peak memory of both
@@ -30,15 +47,15 @@ by a thread, relative to the RSS just before that side's first call; JAX also gi
 `memory_analysis()` temp bytes), and the loss values of both with their difference. Timing:
 one warm-up call (whose losses are the ones compared: both sides start from the same state),
 then `--repeats` calls, median. torch uses as many threads as XLA (the CPUs this process may
-run on: `os.sched_getaffinity`); both run in this process, JAX first.
+run on: `os.sched_getaffinity`); both run in this process, JAX first. `--torch_compile` also
+times every line's reference under `torch.compile` (inductor), with its own loss check.
 
-Equal work: the fake-score losses and the MDLM loss are the same quantity on both sides. Our
-generator loss is a surrogate with FastGen's gradient but another value
-(`divergences.score_difference_loss`), so the line compares FastGen's VSD value computed from
-our step's x0, D_phi and D_psi, and the generator updates themselves
-(|dtheta_ours - dtheta_ref| / |dtheta_ours| over all parameters).
-Not included: the DMD2 GAN branch (discriminator on the teacher's features), DiDi-Instruct's
-student step (no PyTorch transcription yet), dropout (off on both sides, for exact losses).
+Equal work: the fake-score, discriminator, GAN, MDLM and DiDi-Instruct losses are the same
+quantity on both sides. Our DMD generator loss is a surrogate with FastGen's gradient but
+another value (`divergences.score_difference_loss`), so the dmd lines compare FastGen's VSD
+value computed from our step's x0, D_phi and D_psi, and the updates themselves
+(|dtheta_ours - dtheta_ref| / |dtheta_ours| over all parameters: the generator, and the
+discriminator on the dmd_gan line). Dropout is off on both sides (for exact losses).
 """
 
 from __future__ import annotations
