@@ -225,10 +225,13 @@ class DMDStep:
         gan = self.discriminator is not None
         critic = []
         for i in range(inp["critic_z"].shape[0]):
-            real = (inp["critic_real"][i], inp["critic_real_sigma"][i], inp["critic_real_eps"][i])
+            real = ()
+            if gan:
+                real = (inp["critic_real"][i], inp["critic_real_sigma"][i])
+                real += (inp["critic_real_eps"][i],)
             critic.append(self.critic_update(
                 inp["critic_z"][i], None if inp["critic_y"] is None else inp["critic_y"][i],
-                inp["critic_sigma"][i], inp["critic_eps"][i], *(real if gan else ()),
+                inp["critic_sigma"][i], inp["critic_eps"][i], *real,
             ))  # fmt: skip
         vsd, gan_gen = self.generator_update(
             inp["gen_z"], inp["gen_y"], inp["gen_sigma"], inp["gen_eps"]
