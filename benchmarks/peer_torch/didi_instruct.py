@@ -3,7 +3,8 @@
 Transcribed (facts, not code) from the authors' training-code release of
 haoyangzheng-ai/didi-instruct's `algo.py` (class `DiDiInstruct`; the mirrored commit 7825a02
 has these methods as stubs; the release was read in the public code index, as for
-`tests/parity/test_parity_didi_instruct.py`):
+`tests/parity/test_parity_didi_instruct.py`: its stored copy there is file id 59264924364,
+34,288 characters, cited by method name):
 - `DiscriminatorHead`: spectral_norm(Linear(D, D)) -> SiLU -> spectral_norm(Linear(D, 1)) per
   token, replacing the DiT's whole output layer (final norm included); the discriminator is a
   copy of the teacher with only the last K blocks (and the head) trainable
