@@ -20,6 +20,10 @@ decoder_type='standard', resample_filter=[1, 1], one attention head):
 - `SongUNet` 229-366: mapping network, encoder / decoder ModuleDicts named
   '{r}x{r}_conv|_down|_block{i}' / '{r}x{r}_in0|_in1|_up|_block{i}|_aux_norm|_aux_conv',
   U-Net skips concatenated on the channel axis when a block's input width asks for them;
+- encoder features for a discriminator: NVlabs/FastGen @ 34f30e8ff1a563555fc0c7d59f1c1409dacd8af2,
+  `fastgen/networks/EDM/network.py` 523-545 (the output of each level's `block3`, the last
+  block at EDM's 4 blocks per level, collected in the encoder; `return_features_early` returns
+  them before the decoder) and 948-965 (otherwise the denoiser and the features of one pass);
 - `EDMPrecond` 632-668: D(x; sigma) = c_skip x + c_out F(c_in x; ln(sigma) / 4, y), with
   c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2),
   c_in = 1 / sqrt(sd^2 + sigma^2), sd = sigma_data = 0.5.
@@ -123,7 +127,7 @@ class SongUNet(torch.nn.Module):
         dropout=0.10,
     ):  # fmt: skip
         super().__init__()
-        self.model_channels = model_channels
+        self.model_channels, self.num_blocks = model_channels, num_blocks
         emb = model_channels * channel_mult_emb
         self.map_label = Linear(label_dim, model_channels) if label_dim else None
         self.map_augment = Linear(augment_dim, model_channels, bias=False) if augment_dim else None
@@ -160,7 +164,10 @@ class SongUNet(torch.nn.Module):
         self.dec[f"{img_resolution}x{img_resolution}_aux_norm"] = GroupNorm(cout)
         self.dec[f"{img_resolution}x{img_resolution}_aux_conv"] = Conv2d(cout, img_channels, 3)
 
-    def forward(self, x, c_noise, class_labels=None):
+    def forward(self, x, c_noise, class_labels=None, features=(), early=False):
+        """F(x, c_noise, y) [B, C, H, W]; with `features` (resolutions) also the list of the
+        encoder's last-block outputs at those resolutions, in that order (FastGen's
+        `feature_indices`); with `early` only that list (the decoder is skipped)."""
         half = self.model_channels // 2
         freqs = (1 / 10000) ** (torch.arange(half, dtype=torch.float32) / (half - 1))
         angles = torch.outer(c_noise, freqs)
@@ -168,10 +175,15 @@ class SongUNet(torch.nn.Module):
         if self.map_label is not None:
             emb = emb + self.map_label(class_labels * np.sqrt(self.map_label.weight.shape[1]))
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
-        skips = []
-        for block in self.enc.values():
+        skips, feats, last = [], {}, f"_block{self.num_blocks - 1}"
+        for name, block in self.enc.items():
             x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
             skips.append(x)
+            if name.endswith(last):
+                feats[int(name.split("x")[0])] = x
+        feats = [feats[r] for r in features]
+        if early:
+            return feats
         out = None
         for name, block in self.dec.items():
             if name.endswith("aux_norm"):
@@ -182,7 +194,7 @@ class SongUNet(torch.nn.Module):
                 if x.shape[1] != block.cin:
                     x = torch.cat([x, skips.pop()], dim=1)
                 x = block(x, emb)
-        return out
+        return (out, feats) if features else out
 
 
 class EDMPrecond(torch.nn.Module):
@@ -193,13 +205,19 @@ class EDMPrecond(torch.nn.Module):
         self.sigma_data = sigma_data
         self.model = SongUNet(**unet)
 
-    def forward(self, x, sigma, class_labels=None):
+    def forward(self, x, sigma, class_labels=None, features=(), early=False):
+        """D [B, C, H, W]; with `features` (resolutions) (D, [encoder features]); with `early`
+        only the features (FastGen's `return_features_early`)."""
         sd, sigma = self.sigma_data, sigma.reshape(-1, 1, 1, 1)
         c_skip = sd**2 / (sigma**2 + sd**2)
         c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
         c_in = 1 / (sd**2 + sigma**2).sqrt()
-        f = self.model(c_in * x, (sigma.log() / 4).flatten(), class_labels)
-        return c_skip * x + c_out * f
+        out = self.model(c_in * x, (sigma.log() / 4).flatten(), class_labels, features, early)
+        if early:
+            return out
+        f, feats = out if features else (out, None)
+        d = c_skip * x + c_out * f
+        return (d, feats) if features else d
 
 
 def from_flax(net_cfg: dict, variables) -> EDMPrecond:

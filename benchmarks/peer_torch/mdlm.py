@@ -102,6 +102,13 @@ class DIT(torch.nn.Module):
         )
 
     def forward(self, tokens):
+        x, c = self.trunk(tokens)
+        out = self.output_layer
+        shift, scale = out.adaLN_modulation(c)[:, None].chunk(2, dim=2)
+        return out.linear(out.norm_final(x) * (1 + scale) + shift)
+
+    def trunk(self, tokens):
+        """(the last block's output [B, L, D], the conditioning c [B, C] after SiLU)."""
         b, length = tokens.shape
         x = self.vocab_embed.embedding[tokens]
         sigma = torch.zeros(b)  # _process_sigma without time conditioning
@@ -112,9 +119,7 @@ class DIT(torch.nn.Module):
         cos, sin = angles.cos(), angles.sin()
         for block in self.blocks:
             x = block(x, cos, sin, c)
-        out = self.output_layer
-        shift, scale = out.adaLN_modulation(c)[:, None].chunk(2, dim=2)
-        return out.linear(out.norm_final(x) * (1 + scale) + shift)
+        return x, c
 
 
 def subs_log_probs(logits, xt):

@@ -172,9 +172,15 @@ class DiDiInstruct:
     """One DiDi-Instruct run on a loaded teacher; `make_method` exposes its `init`, `step`,
     `evaluate` and `batches`. The teacher params are closed over (jit constants)."""
 
-    def __init__(self, config):
+    def __init__(self, config, scaffold: student.TextStudent | None = None):
+        """`scaffold`: an already loaded `student.TextStudent` (benchmarks, tests); None loads
+        `config.teacher.checkpoint` (`student.load`)."""
         self.config, self.d = config, config.distill
-        self.scaffold = student.load(config, lambda net: validate(config, net.depth))
+        if scaffold is None:
+            scaffold = student.load(config, lambda net: validate(config, net.depth))
+        else:
+            validate(config, scaffold.net.depth)
+        self.scaffold = scaffold
         net = self.scaffold.net
         k_blocks = self.d.disc_trainable_blocks
         self.block_names = [f"block{i}" for i in range(net.depth - k_blocks, net.depth)]
